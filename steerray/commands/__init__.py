@@ -1,0 +1,1 @@
+"""CLI commands, one module per stage; `steerray.cli` wires them into one Typer app."""
