@@ -1,0 +1,42 @@
+"""Configs: presets load, unknown keys are named, dotted overrides apply and are typed."""
+
+from pathlib import Path
+
+import pytest
+
+from steerray.config import PRESETS_DIR, ConfigError, PrepareConfig, RewardConfig, config_hash, load_config
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config(RewardConfig, None, ["train.max_steps=7", "lora.enabled=true", "optim.lr=3e-4"])
+    assert config.train.max_steps == 7 and config.lora.enabled is True and config.optim.lr == 3e-4
+
+
+def test_unknown_key_is_named(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.max_stepz: unknown key"):
+        load_config(RewardConfig, path)
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(RewardConfig, None, ["train.max_steps"])
+
+
+def test_missing_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="does not exist; presets: .*demo/prepare"):
+        load_config(PrepareConfig, "nope/prepare")
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = PrepareConfig(), PrepareConfig()
+    assert config_hash(a) == config_hash(b)
+    b.seed = 11
+    assert config_hash(a) != config_hash(b)
+
+
+def test_every_preset_yaml_parses():
+    import yaml
+
+    files = sorted(PRESETS_DIR.rglob("*.yaml"))
+    assert files
+    for path in files:
+        assert isinstance(yaml.safe_load(path.read_text()), dict), path
