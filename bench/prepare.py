@@ -94,16 +94,32 @@ def run_plain_loop(path: Path, out: Path) -> tuple[float, PeakMemory]:
     return seconds, memory
 
 
+def plain_in_subprocess(path: Path, out: Path) -> tuple[float, float]:
+    """The baseline in a fresh process, so its peak memory is its own."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, __file__, "--plain-only", str(path), "--workdir", str(out)],
+                          check=True, capture_output=True, text=True)
+    seconds, peak = done.stdout.split()
+    return float(seconds), float(peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--small", type=int, default=100_000)
     parser.add_argument("--workdir", default="/tmp/steerray-bench-prepare")
+    parser.add_argument("--object-store-mb", type=int, default=1024, help="Ray's object store cap (streaming bound)")
+    parser.add_argument("--plain-only", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.plain_only:
+        seconds, memory = run_plain_loop(Path(args.plain_only), work)
+        print(seconds, memory.driver)
+        return
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    init_ray()
+    init_ray(object_store_mb=args.object_store_mb)
     mb = 1024**2
     results = {}
     for rows in (args.small, args.rows):
@@ -116,9 +132,9 @@ def main() -> None:
         print(f"steerray prepare  {rows:>9,d} rows: {rows / seconds:>9,.0f} rows/s  {seconds:7.1f} s  "
               f"peak RSS driver {memory.driver / mb:6.0f} MB, process tree {memory.tree / mb:6.0f} MB")
     big = work / f"helpsteer2_{args.rows}.jsonl"
-    seconds, memory = run_plain_loop(big, work / "plain")
+    seconds, peak = plain_in_subprocess(big, work / "plain")
     print(f"plain python loop {args.rows:>9,d} rows: {args.rows / seconds:>9,.0f} rows/s  {seconds:7.1f} s  "
-          f"peak RSS {memory.driver / mb:6.0f} MB")
+          f"peak RSS {peak / mb:6.0f} MB (one process, no Ray)")
     steer_seconds, steer_memory = results[args.rows]
     print(f"ratio rows/s steerray / plain loop: {seconds / steer_seconds:.2f}x")
     print(f"ratio peak tree RSS {args.rows:,} / {args.small:,} rows: "

@@ -28,7 +28,7 @@ from steerray.artifacts import read_manifest, write_manifest
 from steerray.config import PrepareConfig, config_hash, validate_config
 from steerray.data import readers, sources
 from steerray.data.demo import demo_conversation
-from steerray.data.writer import PrepareWriter
+from steerray.data.writer import PrepareWriter, finalize_rows
 from steerray.runtime import init_ray, job_config_from_argv
 
 STAGE = "prepare"
@@ -155,12 +155,14 @@ def run(config: PrepareConfig) -> dict[str, Any]:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # stable output order
     started = time.time()
-    writer = PrepareWriter(out, seed=config.seed, val_fraction=config.val_fraction, repeat=config.repeat)
+    writer = PrepareWriter(out, repeat=config.repeat)
+    split_args = {"seed": config.seed, "val_fraction": config.val_fraction}
     try:
         for spec in specs:
             print(f"[prepare] reading {spec.name} {spec.location or '(default)'}", file=sys.stderr)
-            dataset = source_dataset(spec, tasks_by_source[spec.name], config)
-            for batch in dataset.iter_batches(batch_size=4096, batch_format="numpy"):
+            dataset = source_dataset(spec, tasks_by_source[spec.name], config).map_batches(
+                finalize_rows, fn_kwargs=split_args, batch_format="numpy", batch_size=4096)
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 writer.write_batch(batch)
         result = writer.finish()
     except BaseException:

@@ -117,11 +117,19 @@ def submit_job(stage_file: str, config_yaml: str, address: str, wait: bool = Tru
     apply_safe_env()
     client = JobSubmissionClient(_dashboard_address(address))
     entrypoint = f"python jobs/{stage_file}.py --config-b64 {encode_config(config_yaml)}"
-    job_id = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": SUBMIT_EXCLUDES},
-        submission_id=f"steerray-{stage_file}-{int(time.time())}",
-    )
+    for attempt in range(10):
+        try:
+            job_id = client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": str(REPO_ROOT), "excludes": SUBMIT_EXCLUDES},
+                submission_id=f"steerray-{stage_file}-{int(time.time())}",
+            )
+            break
+        except RuntimeError as err:
+            # A freshly started head answers this until its per-node agent is up.
+            if "No available agent" not in str(err) or attempt == 9:
+                raise
+            time.sleep(3)
     print(f"[steerray] submitted {stage_file} as Ray job {job_id} to {address}", file=sys.stderr)
     if not wait:
         return job_id

@@ -34,16 +34,39 @@ def reason_category(reason: str) -> str:
     return re.sub(r"\b[0-9a-f-]{8,}\b|\d+", "N", head)[:80] or "unknown"
 
 
-class PrepareWriter:
-    """Accepts batches of converted rows; ``finish()`` moves the files into place and returns counts."""
+def finalize_rows(batch: dict[str, Any], *, seed: int, val_fraction: float) -> dict[str, Any]:
+    """Ray Data ``map_batches`` body (runs in workers): fill in splits and reject-reason categories."""
+    import numpy as np
 
-    def __init__(self, out_dir: str | Path, *, seed: int, val_fraction: float, repeat: dict[str, int]):
+    splits = batch["split"].astype(object)
+    for i in np.flatnonzero(splits == ""):
+        splits[i] = assign_split(seed, str(batch["source"][i]), str(batch["group"][i]), val_fraction)
+    reasons = np.full(len(splits), "", dtype=object)
+    for i in np.flatnonzero(np.isin(batch["kind"], ("reject", "skip"))):
+        payload = json.loads(batch["payload"][i])
+        reasons[i] = f"{batch['kind'][i]}: {reason_category(payload['reason'])}"
+        splits[i] = ""
+    return {"source": batch["source"], "kind": batch["kind"], "split": splits, "reason": reasons,
+            "payload": batch["payload"], "counts_input": batch["counts_input"]}
+
+
+PARQUET_SCHEMAS = {
+    "regression": (("text", "string"), ("label", "list<double>")),
+    "preference": (("id", "string"), ("chosen", "string"), ("rejected", "string"), ("strength", "double")),
+}
+
+
+class PrepareWriter:
+    """Accepts batches of finalized rows; ``finish()`` moves the files into place and returns counts.
+
+    Runs in the driver, so it only groups and writes: splits and reasons were computed by workers.
+    """
+
+    def __init__(self, out_dir: str | Path, *, repeat: dict[str, int]):
         self.out = Path(out_dir)
-        self.seed, self.val_fraction, self.repeat = seed, val_fraction, repeat
+        self.repeat = repeat
         self.tmp_suffix = f".tmp{os.getpid()}"
         self.handles: dict[str, Any] = {}
-        self.parquet_rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        self.parquet_writers: dict[str, Any] = {}
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.rejects_by_reason: dict[str, Counter] = defaultdict(Counter)
 
@@ -55,50 +78,51 @@ class PrepareWriter:
         return self.handles[relative]
 
     def write_batch(self, batch: dict[str, Any]) -> None:
-        for i in range(len(batch["kind"])):
-            self.write_row({key: batch[key][i] for key in batch})
+        import numpy as np
 
-    def write_row(self, row: dict[str, Any]) -> None:
-        source, kind = str(row["source"]), str(row["kind"])
-        counts = self.counts[source]
-        counts["rows_in"] += int(row.get("counts_input", 0))
-        if kind in ("reject", "skip"):
-            payload = json.loads(row["payload"])
-            self._handle("rejects.jsonl").write(json.dumps({"kind": kind, **payload}, ensure_ascii=False) + "\n")
-            counts["rejected" if kind == "reject" else "skipped"] += 1
-            self.rejects_by_reason[source][f"{kind}: {reason_category(payload['reason'])}"] += 1
-            return
-        folder = KIND_OF_ROW[kind]
-        split = str(row["split"]) or assign_split(self.seed, source, str(row["group"]), self.val_fraction)
-        copies = self.repeat.get(source, 1) if split == "train" else 1
-        line = row["payload"] + "\n"
-        handle = self._handle(f"{folder}/{split}.jsonl")
-        for _ in range(copies):
-            handle.write(line)
-        counts[f"{folder}_{split}"] += copies
-        if folder in PARQUET_KINDS:
-            record = json.loads(row["payload"])
-            self.parquet_rows[f"{folder}/{split}"].extend([record] * copies)
-            if len(self.parquet_rows[f"{folder}/{split}"]) >= 8192:
-                self._flush_parquet(f"{folder}/{split}")
+        sources, kinds, splits = batch["source"], batch["kind"], batch["split"]
+        for source in np.unique(sources):
+            of_source = sources == source
+            counts = self.counts[str(source)]
+            counts["rows_in"] += int(batch["counts_input"][of_source].sum())
+            for kind in np.unique(kinds[of_source]):
+                rows = of_source & (kinds == kind)
+                if kind in ("reject", "skip"):
+                    lines = [f'{{"kind": "{kind}", {p[1:]}' for p in batch["payload"][rows]]
+                    self._handle("rejects.jsonl").write("\n".join(lines) + "\n")
+                    counts["rejected" if kind == "reject" else "skipped"] += len(lines)
+                    self.rejects_by_reason[str(source)].update(batch["reason"][rows].tolist())
+                    continue
+                folder = KIND_OF_ROW[str(kind)]
+                for split in np.unique(splits[rows]):
+                    chosen = rows & (splits == split)
+                    copies = self.repeat.get(str(source), 1) if split == "train" else 1
+                    text = "\n".join(batch["payload"][chosen]) + "\n"
+                    handle = self._handle(f"{folder}/{split}.jsonl")
+                    for _ in range(copies):  # the reference repeats each line; whole batches keep order stable
+                        handle.write(text)
+                    counts[f"{folder}_{split}"] += int(chosen.sum()) * copies
 
-    def _flush_parquet(self, key: str) -> None:
+    def _write_parquet(self, folder: str, split: str) -> str:
+        """Stream a finished jsonl split into parquet with pyarrow's C++ reader."""
         import pyarrow as pa
+        import pyarrow.json as pj
         import pyarrow.parquet as pq
 
-        rows = self.parquet_rows.pop(key, [])
-        if not rows:
-            return
-        table = pa.Table.from_pylist(rows)
-        if key not in self.parquet_writers:
-            path = self.out / f"{key}.parquet{self.tmp_suffix}"
-            self.parquet_writers[key] = pq.ParquetWriter(str(path), table.schema)
-        self.parquet_writers[key].write_table(table.cast(self.parquet_writers[key].schema))
+        types = {"string": pa.string(), "double": pa.float64(), "list<double>": pa.list_(pa.float64())}
+        schema = pa.schema([(name, types[kind]) for name, kind in PARQUET_SCHEMAS[folder]])
+        source = self.out / f"{folder}/{split}.jsonl{self.tmp_suffix}"
+        relative = f"{folder}/{split}.parquet"
+        with pq.ParquetWriter(str(self.out / (relative + self.tmp_suffix)), schema) as writer:
+            if source.stat().st_size:
+                reader = pj.open_json(str(source), parse_options=pj.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="ignore"))
+                for block in reader:
+                    writer.write_table(pa.Table.from_batches([block]).cast(schema))
+        return relative
 
     def finish(self) -> dict[str, Any]:
         """Close everything, create empty splits for kinds that have data, move files into place."""
-        for key in list(self.parquet_rows):
-            self._flush_parquet(key)
         written_kinds = {rel.split("/")[0] for rel in self.handles if "/" in rel}
         for folder in written_kinds:
             for split in SPLITS:
@@ -106,9 +130,9 @@ class PrepareWriter:
         self._handle("rejects.jsonl")
         for handle in self.handles.values():
             handle.close()
-        for writer in self.parquet_writers.values():
-            writer.close()
-        targets = list(self.handles) + [f"{key}.parquet" for key in self.parquet_writers]
+        targets = list(self.handles)
+        targets += [self._write_parquet(folder, split) for folder in sorted(written_kinds & set(PARQUET_KINDS))
+                    for split in SPLITS]
         for folder in KINDS:  # stale outputs of an earlier run with other sources must not survive
             if folder not in written_kinds and (self.out / folder).exists():
                 for stale in (self.out / folder).iterdir():
@@ -131,7 +155,5 @@ class PrepareWriter:
     def abort(self) -> None:
         for handle in self.handles.values():
             handle.close()
-        for writer in self.parquet_writers.values():
-            writer.close()
         for path in self.out.rglob(f"*{self.tmp_suffix}"):
             path.unlink()
