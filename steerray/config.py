@@ -53,6 +53,8 @@ class LoraConfig(StrictModel):
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     merge_on_export: bool = True  # export plain weights (True) or a peft adapter beside the base (False)
+    # Adapt only the last N decoder layers: the backward pass then stops there (much cheaper on a CPU).
+    last_layers: int | None = Field(None, ge=1)
 
 
 class OptimConfig(StrictModel):
@@ -76,6 +78,9 @@ class TrainLoopConfig(StrictModel):
     max_eval_rows: int | None = Field(None, ge=1)
     length_grouping: bool = True  # batch similar lengths together so padding wastes little compute
     seed: int = 1234
+    # Debug/test knob: raise in every worker right after the checkpoint of this step (first attempt only),
+    # to exercise FailureConfig and resume. Leave unset.
+    fail_after_step: int | None = Field(None, ge=1)
 
 
 class ScalingConfig(StrictModel):
@@ -86,6 +91,9 @@ class ScalingConfig(StrictModel):
     deepspeed_stage: Literal[1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     max_failures: int = Field(2, ge=0)  # worker deaths survived by restarting from the last checkpoint
+    # FSDP, big models: only rank 0 reads the weights; the others start empty (meta device) and receive
+    # their shards by broadcast, so a node does not hold one full copy per GPU in host memory.
+    load_on_rank0: bool = False
 
 
 class LoggingConfig(StrictModel):
@@ -157,6 +165,220 @@ class SFTConfig(StrictModel):
     sample_max_new_tokens: int = Field(64, ge=1)
 
 
+class AnnotateConfig(StrictModel):
+    """Stage `annotate`: label conversations with the reward model (Ray Data actor pool, or --via a server)."""
+
+    model: str = "runs/reward/model"  # reward-model folder (unused with `via`: the server holds the model)
+    input: str = "runs/prepare"  # conversation jsonl file, a folder of them, or a prepare output folder
+    out: str = "runs/annotate"
+    via: str | None = None  # URL of a running serve-reward, e.g. http://127.0.0.1:8000
+    token_env: str = "STEERRAY_API_TOKEN"  # env var holding the server's bearer token (never in config files)
+    keep_human_labels: bool = False  # keep human values, fill only missing attributes (reference: overwrite)
+    all_assistant_turns: bool = False  # also score Assistant turns without a label key (reference: skip)
+    batch_size: int = Field(16, ge=1)  # texts per forward pass: throughput for memory
+    block_size: int = Field(256, ge=1)  # input lines per resumable part file
+    # Tokens; longer prompts lose tokens from the left. None: train-reward's model.max_length (from its
+    # manifest), else the tokenizer's limit (at most 4096). With `via` the server's setting applies.
+    max_length: int | None = Field(None, ge=8)
+    num_actors: int = Field(1, ge=1)  # scoring actors (model replicas)
+    cpus_per_actor: float = Field(0.5, gt=0)  # Ray CPUs reserved per actor; <= 0.5 leaves room for reads
+    threads_per_actor: int | None = Field(None, ge=1)  # torch threads (CPU); None: cpus_per_actor, at least 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False
+    timeout_s: float = Field(300.0, gt=0)  # per HTTP request with `via`
+
+
+class ServeRewardConfig(StrictModel):
+    """Stage `serve-reward`: the reward model behind a Ray Serve HTTP endpoint with dynamic batching."""
+
+    model: str = "runs/reward/model"
+    out: str = "runs/serve_reward"  # where the resolved config is written
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)
+    max_batch_size: int = Field(32, ge=1)  # texts per forward pass (Serve user_config: changeable live)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)  # how long a partial batch waits for more texts
+    max_ongoing_requests: int = Field(128, ge=1)  # per replica; must exceed max_batch_size for batching
+    max_items_per_request: int = Field(1024, ge=1)  # larger requests get 413
+    max_length: int | None = Field(None, ge=8)  # tokens; None: as annotate (train-reward's, else tokenizer's)
+    token_env: str = "STEERRAY_API_TOKEN"  # env var holding the bearer token; unset = no authentication
+    cpus_per_replica: float = Field(0.5, gt=0)
+    threads_per_replica: int | None = Field(None, ge=1)  # torch threads (CPU); None: cpus_per_replica, >= 1
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    trust_remote_code: bool = False
+    app_name: str = "steerray-reward"
+    route_prefix: str = "/"
+    block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
+
+
+class SamplingConfig(StrictModel):
+    """How answers are generated for bootstrapping and the steerability grid."""
+
+    max_new_tokens: int = Field(64, ge=1)  # the slow part on a CPU: answer length x number of prompts
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)  # prompts per generate call: throughput for memory
+    max_prompt_tokens: int = Field(512, ge=8)  # longer prompts are skipped and counted
+    engine: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM on GPU when installed
+    seed: int = 1234
+
+
+class BootstrapConfig(StrictModel):
+    """Phase 4: sample K answers per training prompt at top quality, score, select, fine-tune again."""
+
+    data: str = "runs/annotate"  # the SFT training conversations: their prompts are sampled again
+    policy: str = "runs/sft/model"  # the attribute-conditioned SFT model to start from
+    reward_model: str = "runs/reward/model"
+    out: str = "runs/bootstrap"
+    rounds: int = Field(1, ge=1)  # sample -> score -> select -> fine-tune, from the previous round's model
+    samples_per_prompt: int = Field(4, ge=1)  # K
+    max_prompts: int | None = Field(None, ge=1)  # cap on training prompts sampled per round
+    # Conditioning of the samples: the reference's top-quality defaults, with these values on top.
+    steering: dict[str, int] = Field(default_factory=dict)
+    sampling: SamplingConfig = Field(default_factory=lambda: SamplingConfig(
+        temperature=0.8, top_p=0.95, max_new_tokens=128))
+    # The scalar a sample is ranked by: a weighted sum of the reward model's outputs.
+    score_weights: dict[str, float] = Field(default_factory=lambda: {"quality": 1.0})
+    # top1: best of K per prompt; threshold: every sample scoring >= threshold; weight: every sample,
+    # repeated in proportion to softmax(score / weight_temperature) within its prompt (importance weights
+    # as data copies, so the SFT stage trains on them unchanged).
+    selection: Literal["top1", "threshold", "weight"] = "top1"
+    threshold: float = 3.0
+    weight_temperature: float = Field(1.0, gt=0)
+    # predicted: kept answers carry the reward model's label string over all attributes (the SteerLM
+    # paper's re-labelling); steering: they keep the label they were sampled with.
+    relabel: Literal["predicted", "steering"] = "predicted"
+    include_original: bool = False  # also train on the original conversations again
+    eval_prompts: int = Field(16, ge=0)  # prompts re-sampled with the final model to measure the move
+    # The SFT run of each round: a preset (None = the config the policy's own SFT stage ran with, read
+    # from its manifest) plus overrides; data, out and model.name are set by bootstrap.
+    sft_preset: str | None = None
+    sft_overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("steering")
+    @classmethod
+    def _valid_steering(cls, value: dict[str, int]) -> dict[str, int]:
+        from steerray.attributes import steering_label
+
+        steering_label(value)
+        return value
+
+    @field_validator("score_weights")
+    @classmethod
+    def _known_weights(cls, value: dict[str, float]) -> dict[str, float]:
+        if not value:
+            raise ValueError("score_weights needs at least one attribute")
+        for name in value:
+            check_attribute(name)
+        return value
+
+
+class SteerabilityConfig(StrictModel):
+    """The steerability grid: each attribute at each value, the others at their defaults."""
+
+    enabled: bool = True
+    attributes: list[str] = Field(default_factory=lambda: list(ATTRIBUTES))
+    values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    num_prompts: int = Field(8, ge=1)  # held-out prompts (first user turns of the val conversations)
+    prompts: list[str] = Field(default_factory=list)  # explicit prompts instead of the val split
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+    @field_validator("attributes")
+    @classmethod
+    def _known_attributes(cls, value: list[str]) -> list[str]:
+        for name in value:
+            check_attribute(name)
+        if len(set(value)) != len(value):
+            raise ValueError("attributes repeat")
+        return value
+
+    @field_validator("values")
+    @classmethod
+    def _values_in_range(cls, value: list[int]) -> list[int]:
+        if len(set(value)) < 2:
+            raise ValueError("need at least two distinct values to measure a correlation")
+        for v in value:
+            if not 0 <= v <= 4:
+                raise ValueError(f"steering values are 0-4, got {v}")
+        return sorted(set(value))
+
+
+class RewardEvalConfig(StrictModel):
+    enabled: bool = True
+    max_rows: int | None = Field(2000, ge=1)  # validation rows scored (regression and preference each)
+    batch_size: int = Field(16, ge=1)
+    max_length: int = Field(512, ge=8)  # longer texts lose tokens from the left
+
+
+class EvaluateConfig(StrictModel):
+    """Reward-model quality on the validation split and steerability of the SFT model, with a report."""
+
+    reward_model: str = "runs/reward/model"
+    policy: str | None = "runs/sft/model"  # None: reward-model metrics only
+    data: str | None = "runs/prepare"  # a prepare output: val splits and held-out prompts
+    bootstrap: str | None = None  # a bootstrap output whose score movement goes into the report
+    out: str = "runs/evaluate"
+    reward: RewardEvalConfig = Field(default_factory=RewardEvalConfig)
+    steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
+
+
+class StageSpec(StrictModel):
+    preset: str | None = None  # preset name (demo/reward) or YAML file; None = the stage's defaults
+    overrides: list[str] = Field(default_factory=list)  # dotted key=value on top of the preset
+    enabled: bool = True  # bootstrap and evaluate may be switched off
+
+
+class PipelineConfig(StrictModel):
+    """The whole loop; each stage reads a preset plus overrides, the pipeline wires the folders."""
+
+    run: str = "demo"  # the run's folder under runs_dir (CLI --run)
+    runs_dir: str = "runs"  # on a cluster: a filesystem every node mounts
+    prepare: StageSpec = Field(default_factory=StageSpec)
+    reward: StageSpec = Field(default_factory=StageSpec)
+    annotate: StageSpec = Field(default_factory=StageSpec)
+    sft: StageSpec = Field(default_factory=StageSpec)
+    bootstrap: StageSpec = Field(default_factory=lambda: StageSpec(enabled=False))
+    evaluate: StageSpec = Field(default_factory=StageSpec)
+    # Where a pipeline running as a Ray job submits each stage as its own Ray job (the head's job
+    # server); None runs the stages in the pipeline's process (the embedded default).
+    stage_address: str | None = None
+    command: str | None = None  # the command that started the run, repeated in resume hints
+    rerun: str | None = None  # re-run this stage and every stage after it (CLI --rerun; not saved)
+
+    @field_validator("run")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value or "/" in value or value in (".", "..") or value.strip() != value:
+            raise ValueError(f"run must be a plain folder name, got {value!r}")
+        return value
+
+
+class ServeConfig(StrictModel):
+    """Stage `serve`: a steerable chat model behind OpenAI-compatible routes and a playground page."""
+
+    model: str = "runs/sft/model"  # SFT output folder, hub id, or alias (smollm2-135m, tiny-llama)
+    served_name: str | None = None  # the id in /v1/models; None: the alias or folder name
+    out: str = "runs/serve"  # where the resolved config is written
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, ge=1)
+    engine: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM where a GPU and vllm are there
+    token_env: str = "STEERRAY_API_TOKEN"  # env var holding the bearer token; unset = no authentication
+    max_batch_size: int = Field(16, ge=1)  # sequences decoded together (transformers engine)
+    batch_wait_ms: float = Field(10.0, ge=0)  # an idle engine waits this long for a batch to fill
+    max_ongoing_requests: int = Field(256, ge=1)  # per replica; more wait in Serve's queue
+    max_model_len: int | None = Field(None, ge=16)  # prompt + answer tokens; None: the model's (<= 4096)
+    default_max_tokens: int = Field(256, ge=1)  # answer length when a request gives none
+    cpus_per_replica: float = Field(1.0, gt=0)
+    threads_per_replica: int | None = Field(None, ge=1)  # torch threads on CPU; None: node CPUs / replicas
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM's share of the GPU
+    trust_remote_code: bool = False
+    app_name: str = "steerray-chat"
+    route_prefix: str = "/"
+    block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loading, overrides, hashing
 # --------------------------------------------------------------------------------------------------
@@ -225,7 +447,7 @@ def validate_config(model: type[T], data: Mapping[str, Any], source: str = "conf
         raise ConfigError(_format_validation_error(err, source)) from None
 
 
-def load_config(model: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
+def load_config(model: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), /,
                 **fields: Any) -> T:
     """Preset YAML (optional) + ``fields`` (CLI flags that were given) + dotted ``overrides``."""
     source = "defaults"

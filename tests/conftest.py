@@ -45,3 +45,21 @@ def tiny_model_dir() -> str:
     from steerray.models.loading import TINY_ALIAS, resolve_model
 
     return resolve_model(TINY_ALIAS)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory) -> str:
+    """A reward-model folder (tiny-llama backbone, 9 attributes, fixed seed) with its tokenizer beside it."""
+    import torch
+
+    from steerray.models.loading import TINY_ALIAS, load_tokenizer
+    from steerray.models.reward import build_reward_model
+
+    out = tmp_path_factory.mktemp("tiny_reward") / "model"
+    torch.manual_seed(1234)
+    model = build_reward_model(TINY_ALIAS)
+    with torch.no_grad():  # spread the random head's outputs over roughly -4..8, so labels vary
+        model.score.weight.mul_(20.0)
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(TINY_ALIAS).save_pretrained(out)
+    return str(out)

@@ -25,7 +25,9 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def resolve_stage_config(model: type[T], config: str | None, overrides: list[str] | None, **fields: Any) -> T:
+def resolve_stage_config(model: type[T], config: str | None, overrides: list[str] | None, /,
+                         **fields: Any) -> T:
+    # Positional-only, so a stage field may be called `model` or `config` (annotate's `--model`).
     try:
         return load_config(model, config, overrides or [], **fields)
     except ConfigError as err:

@@ -45,12 +45,19 @@ def attribute_config(attributes: Sequence[str]) -> dict[str, Any]:
 
 
 def build_reward_model(backbone: str, attributes: Sequence[str] = ATTRIBUTES, *, dtype: Any = None,
-                       trust_remote_code: bool = False, init_from: str | None = None) -> Any:
-    """A reward model from a causal-LM backbone (fresh head), or from a reward folder (head included)."""
+                       trust_remote_code: bool = False, init_from: str | None = None,
+                       empty: bool = False) -> Any:
+    """A reward model from a causal-LM backbone (fresh head), or from a reward folder (head included).
+
+    ``empty=True`` builds the same architecture on the meta device without reading weights (sharded
+    training's other ranks, which receive their shards from rank 0).
+    """
     import torch
     from transformers import AutoModelForSequenceClassification
 
     dtype = dtype or torch.float32
+    if empty:
+        return _empty_reward_model(backbone, attributes, dtype, trust_remote_code, init_from)
     if init_from is not None:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(init_from), dtype=dtype, trust_remote_code=trust_remote_code)
@@ -64,6 +71,23 @@ def build_reward_model(backbone: str, attributes: Sequence[str] = ATTRIBUTES, *,
         tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def _empty_reward_model(backbone: str, attributes: Sequence[str], dtype: Any, trust_remote_code: bool,
+                        init_from: str | None) -> Any:
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if init_from is not None:
+        config = AutoConfig.from_pretrained(str(init_from), trust_remote_code=trust_remote_code)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model(backbone), trust_remote_code=trust_remote_code,
+                                            **attribute_config(attributes))
+        if config.pad_token_id is None:
+            config.pad_token_id = load_tokenizer(backbone, trust_remote_code=trust_remote_code).pad_token_id
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config, dtype=dtype,
+                                                              trust_remote_code=trust_remote_code)
 
 
 def reward_attributes(config: Any) -> list[str]:
@@ -120,16 +144,36 @@ def reward_forward(model: Any, input_ids: Any, attention_mask: Any) -> Any:
     """Attribute predictions ``[B, A]`` read at each row's last real token.
 
     Gathers by ``attention_mask`` rather than trusting the pad id (a text may contain the pad token).
+    Works on a plain HF model and on a peft-wrapped one (LoRA layers and the trainable head copy are
+    injected in place, so the base model's modules already carry them).
     """
     import torch
 
-    backbone = getattr(model, model.base_model_prefix, None)
-    if backbone is None:  # a peft wrapper: reach the underlying model
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    return model.score(pooled)
+    return base.score(pooled)
+
+
+def reward_readout(model: Any) -> Any:
+    """Wrap a reward model in a module whose forward is :func:`reward_forward` (training's FSDP2 root).
+
+    Sharded training must call the root module (its hook gathers the embeddings, final norm and head);
+    this wrapper makes the attention-mask read-out that root.
+    """
+    import torch.nn as nn
+
+    class RewardReadout(nn.Module):
+        def __init__(self, inner: Any):
+            super().__init__()
+            self.model = inner
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            return reward_forward(self.model, input_ids, attention_mask)
+
+    return RewardReadout(model)
 
 
 def predict_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: int = 4096,

@@ -1,0 +1,332 @@
+"""The OpenAI chat-completions contract, SteerLM style: request models, prompt rendering, response shapes.
+
+Pure functions and pydantic models, no Ray and no torch, so the whole contract is unit-tested alone:
+
+- :class:`ChatCompletionRequest` accepts what the official ``openai`` client sends, plus one extension,
+  ``steering`` (``{"verbosity": 0, ...}``, passed with ``extra_body``); attributes left out take the
+  reference's defaults (:data:`steerray.attributes.DEFAULT_STEERING`).
+- :func:`render_chat` turns a request into the exact SteerLM prompt (system block, turns, label line).
+- :class:`StopTextFilter` cuts generated text at the stop marker and the user's ``stop`` strings and, while
+  streaming, holds back any tail that could still become one, so no marker ever reaches a client.
+- :func:`completion_body`, :func:`chunk_body` and :func:`sse` build the response objects.
+
+Bad input raises :class:`RequestError` (status, message, param, code), which the app answers in the
+OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+# No `from __future__ import annotations`: pydantic resolves these annotations in Serve replicas too.
+import json
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from steerray.attributes import DEFAULT_STEERING, LabelError, parse_label, steering_label
+from steerray.templates import MARKERS, STOP_STRING, SYSTEM_PROMPT, ConversationError, generation_prompt
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_CHOICES = 8
+# Request fields of the OpenAI API that steerray does not implement: refused when set, never ignored.
+UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
+               "logit_bias": None, "logprobs": False, "top_logprobs": None, "audio": None,
+               "presence_penalty": 0, "frequency_penalty": 0}
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` is 4xx and the message names the field."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+# --------------------------------------------------------------------------------------------------
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Generation knobs shared by the OpenAI route and the native ``/generate``."""
+
+    model_config = ConfigDict(extra="ignore")
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
+    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    steering: dict[str, Any] | None = None  # steerray's extension: attribute -> 0..4
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
+        if any(not s for s in stops):
+            raise RequestError(400, "'stop' strings must not be empty", param="stop")
+        return stops
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str | None = None
+    messages: list[ChatMessage]
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class GenerateRequest(SamplingFields):
+    """Native route: a plain ``prompt`` (one user turn) or OpenAI-style ``messages``, plus ``steering``."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    system: str | None = None
+    temperature: float = Field(0.0, ge=0, le=2)  # greedy by default: the native route is for inspection
+
+
+def _param(loc: Sequence[Any]) -> str:
+    return ".".join(str(p) for p in loc) or "body"
+
+
+def parse_request(model: type[BaseModel], raw: bytes | str | Mapping[str, Any]) -> Any:
+    """Bytes (or a decoded object) -> a validated request, or :class:`RequestError` naming the field."""
+    if isinstance(raw, (bytes, str)):
+        try:
+            data = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise RequestError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    else:
+        data = raw
+    if not isinstance(data, dict):
+        raise RequestError(400, "request body must be a JSON object", code="invalid_json")
+    for name, default in UNSUPPORTED.items():
+        if data.get(name, default) not in (default, None):
+            raise RequestError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        problem = err.errors()[0]
+        where = _param(problem.get("loc", ()))
+        more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
+        raise RequestError(400, f"{where}: {problem.get('msg', 'invalid')}{more}", param=where,
+                           code="invalid_request") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Prompt rendering
+# --------------------------------------------------------------------------------------------------
+
+def resolve_steering(steering: Mapping[str, Any] | None) -> tuple[str, dict[str, int]]:
+    """``(label string, all 9 values)`` for a request's ``steering``; LabelError -> 400 on ``steering``."""
+    if steering is not None and not isinstance(steering, Mapping):
+        raise RequestError(400, "'steering' must be an object of attribute: value", param="steering")
+    try:
+        label = steering_label(steering or {}, DEFAULT_STEERING)
+    except LabelError as err:
+        raise RequestError(400, f"steering: {err}", param="steering", code="invalid_steering") from None
+    return label, {name: int(value) for name, value in parse_label(label).items()}
+
+
+def split_system(messages: Sequence[ChatMessage]) -> tuple[str, list[dict[str, str]]]:
+    """A leading system/developer message becomes the SteerLM system block; the rest are turns."""
+    if not messages:
+        raise RequestError(400, "'messages' is empty: send at least one user message", param="messages",
+                           code="empty_messages")
+    system, rest = SYSTEM_PROMPT, list(messages)
+    if rest[0].role in ("system", "developer"):
+        system = rest.pop(0).text()
+    for i, message in enumerate(rest):
+        if message.role in ("system", "developer"):
+            raise RequestError(400, f"messages.{i + len(messages) - len(rest)}: a system message may only come "
+                                    "first", param="messages")
+    return system, [{"role": m.role, "content": m.text()} for m in rest]
+
+
+def render_messages(messages: Sequence[ChatMessage], label: str) -> str:
+    system, turns = split_system(messages)
+    if not turns:
+        raise RequestError(400, "'messages' holds no user message", param="messages", code="empty_messages")
+    try:
+        return generation_prompt(turns, label, system=system)
+    except ConversationError as err:
+        raise RequestError(400, f"messages: {err}", param="messages", code="invalid_messages") from None
+
+
+def render_generate(request: GenerateRequest, label: str) -> str:
+    if (request.prompt is None) == (request.messages is None):
+        raise RequestError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+    if request.prompt is not None:
+        if not request.prompt.strip():
+            raise RequestError(400, "'prompt' is empty", param="prompt", code="empty_messages")
+        messages = [ChatMessage(role="user", content=request.prompt)]
+    else:
+        messages = list(request.messages or [])
+    if request.system is not None:
+        if messages and messages[0].role in ("system", "developer"):
+            raise RequestError(400, "give the system prompt once: 'system' or a system message", param="system")
+        messages = [ChatMessage(role="system", content=request.system), *messages]
+    return render_messages(messages, label)
+
+
+def answer_budget(prompt_tokens: int, requested: int | None, max_model_len: int, default: int) -> int:
+    """Tokens the answer may use: refuses prompts (or prompt + max_tokens) over the context window."""
+    room = max_model_len - prompt_tokens
+    if room < 1:
+        raise RequestError(400, f"the prompt has {prompt_tokens} tokens; this model's context window is "
+                                f"{max_model_len} tokens", param="messages", code="context_length_exceeded")
+    if requested is not None and requested > room:
+        raise RequestError(400, f"prompt ({prompt_tokens} tokens) + max_tokens ({requested}) exceeds the "
+                                f"context window of {max_model_len} tokens", param="max_tokens",
+                           code="context_length_exceeded")
+    return requested if requested is not None else min(default, room)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stop strings and the streaming hold-back
+# --------------------------------------------------------------------------------------------------
+
+def stop_strings(user_stops: Sequence[str] = ()) -> tuple[str, ...]:
+    """Everything that ends an answer: the SteerLM stop marker, the other markers, the user's strings."""
+    ordered = [STOP_STRING, *MARKERS, *user_stops]
+    return tuple(dict.fromkeys(ordered))
+
+
+def _first_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
+    positions = [p for p in (text.find(s, start) for s in stops) if p != -1]
+    return min(positions) if positions else -1
+
+
+def _held_tail(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is the beginning of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:size]):
+                longest = size
+                break
+    return longest
+
+
+def final_text(raw: str, stops: Sequence[str]) -> str:
+    """The answer a client gets: cut at the first stop string, trailing newlines dropped."""
+    cut = _first_stop(raw, stops)
+    return (raw if cut == -1 else raw[:cut]).rstrip("\n")
+
+
+class StopTextFilter:
+    """Turns the growing raw text of one answer into clean deltas.
+
+    ``update(raw)`` returns ``(delta, stopped)``: ``delta`` only ever extends what was sent before, never
+    contains a stop string or a piece of one, nor trailing newlines (they may precede the marker), nor a
+    half-decoded character. Once ``stopped``, the answer is complete. ``finish(raw)`` flushes the rest.
+    The concatenated deltas always equal :func:`final_text` of the raw text.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.sent = ""
+        self.stopped = False
+        self._searched = 0  # raw text before this index holds no stop string
+        self._longest = max((len(s) for s in self.stops), default=1)
+
+    def update(self, raw: str) -> tuple[str, bool]:
+        if self.stopped:
+            return "", True
+        cut = _first_stop(raw, self.stops, max(0, self._searched - self._longest))
+        if cut != -1:
+            self.stopped = True
+            return self._advance(raw[:cut].rstrip("\n")), True
+        self._searched = len(raw)
+        safe = raw[: len(raw) - _held_tail(raw, self.stops)].rstrip("\n\ufffd")
+        return self._advance(safe), False
+
+    def finish(self, raw: str) -> str:
+        if self.stopped:
+            return ""
+        self.stopped = True
+        return self._advance(final_text(raw, self.stops))
+
+    def _advance(self, text: str) -> str:
+        if not text.startswith(self.sent) or len(text) <= len(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses
+# --------------------------------------------------------------------------------------------------
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_body(completion_id: str, model: str, choices: Sequence[tuple[str, str]], prompt_tokens: int,
+                    completion_tokens: int, steering: Mapping[str, int], created: int | None = None) -> dict:
+    """A ``chat.completion`` object; ``choices`` are ``(text, finish_reason)``; ``steering`` is echoed."""
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created or int(time.time()), "model": model,
+        "choices": [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                     "finish_reason": reason} for i, (text, reason) in enumerate(choices)],
+        "usage": usage_body(prompt_tokens, completion_tokens),
+        "steering": dict(steering),
+    }
+
+
+def chunk_body(completion_id: str, model: str, created: int, index: int, delta: Mapping[str, Any],
+               finish_reason: str | None = None) -> dict:
+    """One ``chat.completion.chunk`` for choice ``index``."""
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": index, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(completion_id: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict:
+    """The last chunk when ``stream_options.include_usage`` is set: no choices, only usage."""
+    return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [], "usage": usage_body(prompt_tokens, completion_tokens)}
+
+
+def sse(payload: Mapping[str, Any] | str) -> str:
+    """One server-sent event (``data: ...`` and a blank line), as OpenAI streams them."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def models_body(model: str, max_model_len: int, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "steerray", "max_model_len": max_model_len}]}

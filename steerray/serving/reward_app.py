@@ -1,0 +1,270 @@
+"""The reward model behind Ray Serve: one deployment, a FastAPI ingress, dynamic batching per text.
+
+Routes (OpenAPI docs at ``/docs``):
+
+- ``POST /score`` with ``{"texts": [...]}`` (templated prompts ending in ``<extra_id_2>``) or
+  ``{"conversations": [...]}`` (SteerLM conversations); answers per item the raw predictions and the label
+  string (clipped to 0-4, rounded half to even). Conversations go through the same
+  :mod:`steerray.annotation` functions as the offline annotator.
+- ``GET /health``: model attributes and max length (no token needed).
+- ``GET /stats``: batches this replica ran and their sizes (token needed when one is set).
+
+Every text of every request is one item for ``@serve.batch``: concurrent requests, one-row requests
+included, share forward passes. ``max_batch_size`` and ``batch_wait_timeout_s`` come from the
+deployment's ``user_config``, so ``serve.run`` with a new config retunes a running app without
+reloading the model. Bad input is answered 4xx with the JSON error shape of :mod:`steerray.serving.http`.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads these annotations at run time, also in
+# functions that cloudpickle ships to Serve replicas by value (string annotations would not resolve there).
+import asyncio
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import Depends, FastAPI
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+
+from steerray.annotation import load_predictor, plan_scoring, threads_for, turn_label
+from steerray.config import ServeRewardConfig
+from steerray.errors import SteerrayError
+from steerray.serving.http import ApiError, bearer_guard, install_error_handlers, token_digest
+from steerray.templates import LABEL_START, ConversationError, validate_conversation
+
+log = logging.getLogger("steerray.serving.reward")
+
+class ServeStartError(SteerrayError, RuntimeError):
+    """The app was deployed but cannot be reached where the config says."""
+
+
+# Per replica process: the digest the bearer guard checks (set by the replica's constructor).
+_AUTH: dict[str, str | None] = {"digest": None}
+require_token = bearer_guard(lambda: _AUTH["digest"])
+
+app = FastAPI(
+    title="steerray reward model",
+    description="SteerLM attribute reward model: score templated texts or conversations, get label strings.",
+    version="1",
+)
+install_error_handlers(app)
+
+
+class ScoreRequest(BaseModel):
+    """Give exactly one of ``texts`` or ``conversations``."""
+
+    model_config = ConfigDict(extra="forbid")
+    texts: list[str] | None = Field(None, description="SteerLM-templated prompts, each ending in <extra_id_2>")
+    conversations: list[dict[str, Any]] | None = Field(None, description="SteerLM conversation records")
+    truncation: Literal["error", "left"] = Field(
+        "error", description="over-long inputs: 'error' (422) or 'left' (keep the last max_length tokens)")
+    keep_human_labels: bool = Field(False, description="conversations: keep human label values, fill the rest")
+    all_assistant_turns: bool = Field(
+        True, description="conversations: score every Assistant turn (False: only turns with a label key, "
+                          "as the offline annotator does)")
+
+
+class TextResult(BaseModel):
+    predictions: dict[str, float]
+    label: str
+    truncated: bool
+
+
+class TurnResult(TextResult):
+    turn_index: int
+
+
+class ConversationResult(BaseModel):
+    turns: list[TurnResult]
+    conversation: dict[str, Any]
+
+
+class ScoreResponse(BaseModel):
+    attributes: list[str]
+    results: list[TextResult] | list[ConversationResult]
+
+
+@serve.deployment
+@serve.ingress(app)
+class RewardDeployment:
+    """Holds one reward model; scores texts in dynamic batches."""
+
+    def __init__(self, model_dir: str, *, max_length: int | None = None, token_sha256: str | None = None,
+                 precision: str = "auto", threads: int | None = None, max_items_per_request: int = 1024,
+                 trust_remote_code: bool = False) -> None:
+        self.predictor = load_predictor(model_dir, max_length=max_length, precision=precision, threads=threads,
+                                        trust_remote_code=trust_remote_code)
+        self.attributes = self.predictor.attributes
+        self.model_name = Path(model_dir).name
+        self.max_items = max_items_per_request
+        _AUTH["digest"] = token_sha256
+        self.stats: dict[str, Any] = {"batches": 0, "texts": 0, "truncated": 0, "requests": 0,
+                                      "max_batch_size_seen": 0, "forward_seconds": 0.0}
+        self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
+        self.user_config: dict[str, Any] = {}
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply ``user_config`` (``max_batch_size``, ``batch_wait_timeout_s``) without reloading."""
+        unknown = set(user_config) - {"max_batch_size", "batch_wait_timeout_s"}
+        if unknown:
+            raise ValueError(f"unknown user_config keys {sorted(unknown)}")
+        self.user_config = {**self.user_config, **user_config}
+        if "max_batch_size" in user_config:
+            size = int(user_config["max_batch_size"])
+            self.score_text.set_max_batch_size(size)
+            self.predictor.batch_size = size  # one forward pass per Serve batch
+        if "batch_wait_timeout_s" in user_config:
+            self.score_text.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def score_text(self, texts: list[str]) -> list[tuple[list[float], bool]]:
+        """One forward pass over texts from any number of concurrent requests."""
+        started = time.perf_counter()
+        # In a thread: torch releases the GIL, so the replica keeps accepting requests meanwhile.
+        predictions, truncated = await asyncio.to_thread(self.predictor, texts)
+        self.stats["forward_seconds"] += time.perf_counter() - started
+        self.stats["batches"] += 1
+        self.stats["texts"] += len(texts)
+        self.stats["truncated"] += sum(truncated)
+        self.stats["max_batch_size_seen"] = max(self.stats["max_batch_size_seen"], len(texts))
+        self.recent_batch_sizes.append(len(texts))
+        return [(row.tolist(), bool(flag)) for row, flag in zip(predictions, truncated, strict=True)]
+
+    async def _predict(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
+        results = await asyncio.gather(*(self.score_text(text) for text in texts))
+        predictions = np.asarray([r[0] for r in results], dtype=np.float32).reshape(len(texts), len(self.attributes))
+        return predictions, [r[1] for r in results]
+
+    def _check_lengths(self, texts: list[str], names: list[str]) -> None:
+        limit = self.predictor.max_length
+        for name, count in zip(names, self.predictor.token_counts(texts), strict=True):
+            if count > limit:
+                raise ApiError(422, f"{name} has {count} tokens, over max_length {limit}; send "
+                                    f"\"truncation\": \"left\" to score its last {limit} tokens",
+                               code="too_long", param=name)
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name, "attributes": self.attributes,
+                "max_length": self.predictor.max_length}
+
+    @app.get("/stats", dependencies=[Depends(require_token)])
+    async def get_stats(self) -> dict[str, Any]:
+        return {**self.stats, "recent_batch_sizes": list(self.recent_batch_sizes), "user_config": self.user_config}
+
+    @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
+    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+        self.stats["requests"] += 1
+        if (body.texts is None) == (body.conversations is None):
+            raise ApiError(422, "give exactly one of 'texts' or 'conversations'", code="invalid_request")
+        items = body.texts if body.texts is not None else body.conversations
+        field = "texts" if body.texts is not None else "conversations"
+        if not items:
+            raise ApiError(422, f"'{field}' is empty", code="invalid_request", param=field)
+        if len(items) > self.max_items:
+            raise ApiError(413, f"{len(items)} {field} in one request; the limit is {self.max_items}",
+                           code="too_many_items", param=field)
+        if body.texts is not None:
+            return await self._score_texts(body.texts, body.truncation)
+        return await self._score_conversations(body)
+
+    async def _score_texts(self, texts: list[str], truncation: str) -> dict[str, Any]:
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ApiError(422, f"texts.{i} is empty", code="empty_text", param=f"texts.{i}")
+            if not text.endswith(LABEL_START):
+                raise ApiError(422, f"texts.{i} does not end with {LABEL_START!r}: the model reads its score "
+                                    "there; render it with the SteerLM template or send 'conversations'",
+                               code="not_templated", param=f"texts.{i}")
+        if truncation == "error":
+            self._check_lengths(texts, [f"texts.{i}" for i in range(len(texts))])
+        predictions, truncated = await self._predict(texts)
+        results = [{"predictions": dict(zip(self.attributes, map(float, row), strict=True)),
+                    "label": turn_label(row, self.attributes), "truncated": flag}
+                   for row, flag in zip(predictions, truncated, strict=True)]
+        return {"attributes": self.attributes, "results": results}
+
+    async def _score_conversations(self, body: ScoreRequest) -> dict[str, Any]:
+        conversations = body.conversations or []
+        for i, record in enumerate(conversations):
+            try:
+                validate_conversation(record, require_assistant=True)
+            except ConversationError as err:
+                raise ApiError(422, f"conversations.{i}: {err}", code="invalid_conversation",
+                               param=f"conversations.{i}") from None
+        plan = plan_scoring(conversations, all_assistant_turns=body.all_assistant_turns)
+        texts = plan.texts
+        if body.truncation == "error" and texts:
+            names = [f"conversations.{i} turn {p.turn_index}" for i, ps in enumerate(plan.prompts) for p in ps]
+            self._check_lengths(texts, names)
+        if texts:
+            predictions, truncated = await self._predict(texts)
+        else:
+            predictions, truncated = np.zeros((0, len(self.attributes)), dtype=np.float32), []
+        annotated = plan.finish(predictions, truncated, self.attributes, keep_human_labels=body.keep_human_labels)
+        return {"attributes": self.attributes,
+                "results": [{"turns": [t.to_json(self.attributes) for t in a.turns], "conversation": a.conversation}
+                            for a in annotated]}
+
+
+def build_app(config: ServeRewardConfig, token: str | None = None, *, use_gpu: bool = False) -> Any:
+    """The Serve application for ``config``; ``token`` (if any) is kept only as its SHA-256 digest."""
+    threads = config.threads_per_replica or threads_for(config.cpus_per_replica)
+    deployment = RewardDeployment.options(
+        name="RewardModel",
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": 1 if use_gpu else 0},
+        max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
+        user_config={"max_batch_size": config.max_batch_size, "batch_wait_timeout_s": config.batch_wait_timeout_s},
+    )
+    return deployment.bind(
+        str(Path(config.model).resolve()), max_length=config.max_length, token_sha256=token_digest(token),
+        precision=config.precision, threads=threads, max_items_per_request=config.max_items_per_request,
+        trust_remote_code=config.trust_remote_code)
+
+
+def server_url(config: ServeRewardConfig) -> str:
+    host = "127.0.0.1" if config.host in ("0.0.0.0", "::", "") else config.host
+    return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
+
+
+def start_reward_server(config: ServeRewardConfig, token: str | None = None) -> str:
+    """Start Serve's HTTP proxy on ``config.host:port`` (Ray must be up), deploy, and return the URL.
+
+    Returns once the replicas are healthy. Stop with ``serve.delete(config.app_name)`` or ``serve.shutdown()``.
+    """
+    import ray
+
+    from steerray.models.reward import RewardModelError
+
+    if not (Path(config.model) / "config.json").is_file():
+        raise RewardModelError(f"{config.model} is not a reward-model folder (no config.json); "
+                               "pass the `model` folder that train-reward wrote")
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config, token, use_gpu=use_gpu), name=config.app_name, route_prefix=config.route_prefix)
+    url = server_url(config)
+    wait_until_reachable(url)
+    return url
+
+
+def wait_until_reachable(url: str, timeout_s: float = 30.0) -> None:
+    """Check ``/health`` answers at ``url``: Serve keeps the HTTP options it was first started with, so an
+    already-running Serve on another port would otherwise leave callers with a dead URL."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise ServeStartError(f"the reward app was deployed but {url}/health does not answer; if Serve was "
+                               "already running on this Ray cluster with other HTTP options, its proxy kept "
+                               "them: use that port, or serve.shutdown() first")
+        time.sleep(0.5)

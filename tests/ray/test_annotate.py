@@ -1,0 +1,145 @@
+"""`annotate` on the session's Ray: labels equal the in-process model's, rejects counted, kill + re-run exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steerray.annotation import load_predictor, score_conversations
+from steerray.artifacts import read_manifest
+from steerray.runtime import load_job_module
+from steerray.templates import make_conversation
+
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
+BLOCK_SIZE = 5
+
+
+def sample_conversations(count: int, seed: int) -> list[dict]:
+    """Short conversations with every label situation the annotator meets."""
+    records = []
+    for i in range(count):
+        k = seed * 1000 + i
+        labels = ["quality:3,toxicity:0", "", None, "helpfulness:2"]
+        turns = [("User", f"Question {k}: how do I make {k % 7} cups of tea?", None),
+                 ("Assistant", f"Boil water, add {k % 5} leaves, wait. " * (1 + k % 3), labels[k % 4])]
+        if k % 3 == 0:
+            turns += [("User", "And then?", None), ("Assistant", f"Drink it ({k}).", "quality:1")]
+        record = make_conversation(turns)
+        if k % 10 == 9:
+            del record["conversations"][1]["label"]  # an unlabelled OASST message: not scored
+        records.append(record)
+    return records
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """A prepare-style folder: conversations/{train,val}.jsonl with malformed rows and a blank line."""
+    root = tmp_path_factory.mktemp("annotate_in")
+    folder = root / "conversations"
+    folder.mkdir()
+    train = [json.dumps(r) for r in sample_conversations(23, seed=1)]
+    train.insert(4, '{"conversations": [{"from": "User"')  # malformed JSON, line 5
+    train.insert(9, "")  # blank line 10: not a row
+    train.insert(12, json.dumps({"conversations": [{"from": "User", "value": "alone", "label": None}]}))
+    val = [json.dumps(r) for r in sample_conversations(6, seed=2)]
+    (folder / "train.jsonl").write_text("\n".join(train) + "\n")
+    (folder / "val.jsonl").write_text("\n".join(val))  # no trailing newline
+    (root / "rejects.jsonl").write_text("")  # prepare's rejects: must not be annotated
+    return root, {"train.jsonl": train, "val.jsonl": val}
+
+
+def run_annotate(out: Path, input_dir: Path, model: str, **extra) -> dict:
+    config = out.parent / f"{out.name}.yaml"
+    config.write_text(yaml.safe_dump({"model": model, "input": str(input_dir), "out": str(out),
+                                      "block_size": BLOCK_SIZE, "batch_size": 8, **extra}))
+    return load_job_module("annotate").main(["--config", str(config)])
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session, inputs, tiny_reward_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("annotate_out") / "full"
+    summary = run_annotate(out, inputs[0], tiny_reward_dir)
+    assert summary["skipped"] is False
+    return out
+
+
+def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, tiny_reward_dir):
+    _, lines = inputs
+    predictor = load_predictor(tiny_reward_dir)
+    for split, raw in lines.items():
+        good = [json.loads(line) for line in raw if line and "Question" in line]
+        expected = [r.conversation for r in score_conversations(good, predictor, predictor.attributes)]
+        got = [json.loads(line) for line in (full_run / split).read_text().splitlines()]
+        assert got == expected, split  # same rows, same order, same labels
+    assert sorted(p.name for p in full_run.iterdir()) == ["manifest.json", "rejects.jsonl", "train.jsonl", "val.jsonl"]
+    rejects = [json.loads(line) for line in (full_run / "rejects.jsonl").read_text().splitlines()]
+    assert [(Path(r["file"]).name, r["line"]) for r in rejects] == [("train.jsonl", 5), ("train.jsonl", 13)]
+    assert rejects[0]["reason"].startswith("malformed JSON")
+    assert rejects[1]["reason"] == "invalid conversation: conversation has no Assistant turn"
+    manifest = read_manifest(full_run, "annotate")
+    scored = sum(1 for r in sample_conversations(23, 1) + sample_conversations(6, 2)
+                 for t in r["conversations"] if t["from"] == "Assistant" and t.get("label") is not None)
+    assert manifest["totals"] == {"input_rows": 31, "rows": 29, "rejects": 2, "turns_scored": scored, "truncated": 0}
+    assert manifest["outputs"]["val.jsonl"]["rows"] == 6
+    # Same command again: nothing to do.
+    assert run_annotate(full_run, inputs[0], tiny_reward_dir)["skipped"] is True
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    sys.path.insert(0, sys.argv[2])
+    from steerray.runtime import load_job_module
+    job = load_job_module("annotate")
+    write_part, calls = job.write_part, []
+
+    def write_part_then_die(path, result):
+        calls.append(path)
+        if len(calls) == 3:  # killed while writing the third part: only its temp file exists
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            (Path(path).parent / f".{Path(path).name}.x.tmp").write_text("half a part")
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_part(path, result)
+
+    job.write_part = write_part_then_die
+    job.main(["--config", sys.argv[1]])
+""")
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_output(full_run, inputs, tiny_reward_dir, tmp_path):
+    out = tmp_path / "resumed"
+    config = tmp_path / "resumed.yaml"
+    config.write_text(yaml.safe_dump({"model": tiny_reward_dir, "input": str(inputs[0]), "out": str(out),
+                                      "block_size": BLOCK_SIZE, "batch_size": 8}))
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    # The killed run is a second driver on the session's Ray: SIGKILL takes its actors with it.
+    env = {**os.environ, "RAY_ADDRESS": ray_gcs_address()}
+    killed = subprocess.run([sys.executable, str(script), str(config), str(REPO)], env=env, timeout=150,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    parts = sorted(p.name for p in (out / ".parts").rglob("*") if p.is_file() and p.name != "meta.json")
+    assert len([p for p in parts if p.endswith(".part.jsonl")]) == 2 and any(p.endswith(".tmp") for p in parts)
+    assert read_manifest(out) is None and not (out / "train.jsonl").exists()
+
+    summary = load_job_module("annotate").main(["--config", str(config)])
+    assert summary["rows"] == 29 and summary["rejects"] == 2
+    for name in ("train.jsonl", "val.jsonl", "rejects.jsonl"):
+        assert (out / name).read_bytes() == (full_run / name).read_bytes(), name
+    manifest = read_manifest(out, "annotate")
+    assert manifest["run"]["blocks_done_before"] == 2
+    assert not (out / ".parts").exists()
+
+
+def ray_gcs_address() -> str:
+    import ray
+
+    return ray.get_runtime_context().gcs_address

@@ -1,0 +1,123 @@
+"""cluster/: every manifest and YAML parses, names job scripts and presets that exist, and agrees with the pipeline."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steerray import config as config_module
+from steerray.config import config_hash, load_config
+from steerray.pipeline import STAGES, load_pipeline_config, resolve_stages
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+YAML_FILES = sorted(CLUSTER.rglob("*.yaml"))
+# What runs where: job script -> config class of the preset it is launched with.
+JOB_CONFIGS = {s.job: s.config_class for s in STAGES} | {"pipeline": "PipelineConfig",
+                                                          "serve_reward": "ServeRewardConfig", "serve": "ServeConfig"}
+
+
+def _docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _kuberay(kind: str) -> list[tuple[Path, dict]]:
+    return [(p, d) for p in YAML_FILES for d in _docs(p) if d.get("kind") == kind]
+
+
+def test_every_yaml_parses():
+    assert len(YAML_FILES) >= 10
+    for path in YAML_FILES:
+        docs = _docs(path)
+        assert docs, f"{path} is empty"
+        assert all(isinstance(d, dict) for d in docs), path
+
+
+def test_repo_paths_named_anywhere_in_cluster_exist():
+    """Every jobs/... script, preset and cluster/... file named in cluster/ (YAML, Dockerfile, README) exists."""
+    named = set()
+    for path in list(CLUSTER.rglob("*")):
+        if path.is_file():
+            text = path.read_text()
+            named |= set(re.findall(r"(?<![\w/.])(?:/app/)?((?:jobs|cluster)/[\w./-]+\.(?:py|yaml))", text))
+    assert any(n.startswith("jobs/") for n in named) and any(n.startswith("cluster/") for n in named)
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, f"named in cluster/ but missing: {missing}"
+
+
+def test_raycluster_has_gpu_workers_and_shared_storage():
+    [(_, cluster)] = _kuberay("RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # drivers only on the head
+    gpu_groups = [g for g in spec["workerGroupSpecs"]
+                  if any("nvidia.com/gpu" in c["resources"]["limits"] for c in g["template"]["spec"]["containers"])]
+    assert gpu_groups, "no GPU worker group"
+    claims = {d["metadata"]["name"] for _, d in _kuberay("PersistentVolumeClaim")}
+    for pod in [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+        mounts = {m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"]}
+        assert "/mnt/shared" in mounts
+        assert {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v} <= claims
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f"ARG RAY_VERSION={spec['rayVersion']}" in dockerfile  # image and operator agree on Ray
+
+
+def test_a_rayjob_per_stage_each_launching_a_valid_preset():
+    [(_, cluster)] = _kuberay("RayCluster")
+    jobs = _kuberay("RayJob")
+    launched = {}
+    for path, job in jobs:
+        assert job["apiVersion"] == "ray.io/v1", path
+        spec = job["spec"]
+        assert spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"], path
+        match = re.fullmatch(r"python /app/jobs/(\w+)\.py --config /app/(jobs/configs/[\w/]+\.yaml)", spec["entrypoint"])
+        assert match, f"{path}: entrypoint {spec['entrypoint']!r}"
+        script, preset = match.groups()
+        assert (REPO / "jobs" / f"{script}.py").is_file()
+        model = getattr(config_module, JOB_CONFIGS[script], None)
+        if model is None:
+            pytest.skip(f"{JOB_CONFIGS[script]} is not in steerray.config yet")
+        if script == "pipeline":
+            resolve_stages(load_pipeline_config(str(REPO / preset)))  # every stage preset validates
+        else:
+            load_config(model, REPO / preset)
+        launched[script] = preset
+    for stage in STAGES:
+        assert stage.job in launched, f"no RayJob for stage {stage.name}"
+    assert {"pipeline", "serve", "serve_reward"} <= set(launched)
+
+
+def test_rayjob_presets_equal_what_the_pipeline_resolves():
+    """A stage run by its RayJob is adopted by the pipeline: same resolved config, same hash."""
+    planned = resolve_stages(load_pipeline_config("cluster/pipeline"))
+    for item in planned:
+        preset = load_config(type(item.config), REPO / "jobs" / "configs" / "cluster" / f"{item.name}.yaml")
+        assert config_hash(preset) == item.config_hash, item.name
+
+
+def test_launcher_yaml_matches_rays_schema():
+    schema_path = Path(__import__("ray").__file__).parent / "autoscaler" / "ray-schema.json"
+    jsonschema = pytest.importorskip("jsonschema")
+    launcher = yaml.safe_load((CLUSTER / "launcher" / "aws.yaml").read_text())
+    jsonschema.validate(launcher, json.loads(schema_path.read_text()))
+    assert launcher["provider"]["type"] == "aws"
+    assert launcher["available_node_types"][launcher["head_node_type"]]["resources"] == {"CPU": 0}
+    [(_, cluster)] = _kuberay("RayCluster")
+    image = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
+    assert launcher["docker"]["image"] == image
+
+
+def test_runtime_env_example():
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    known = {"working_dir", "excludes", "pip", "uv", "conda", "env_vars", "py_modules", "container", "image_uri",
+             "config", "py_executable", "java_jars", "nsight", "mpi"}
+    assert set(env) <= known
+    from steerray.runtime import SUBMIT_EXCLUDES
+
+    assert set(SUBMIT_EXCLUDES) <= set(env["excludes"])  # the example ships what the CLI ships
+    assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray demands string values
