@@ -16,9 +16,11 @@ On a multi-node cluster `out` and `data` must be on storage every node sees (ran
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -40,18 +42,26 @@ class InjectedFailure(RuntimeError):
 # 1. Check the request before anything starts: loss vs attributes, data files, model name, init_from.
 def check_request(cfg: RewardConfig) -> tuple[str, Path, Path | None, str]:
     from steerray.models.loading import resolve_model
-    from steerray.models.reward import RewardModelError
+    from steerray.models.reward import RewardModelError, reward_attributes
+    from steerray.training.strategy import deepspeed_available
 
     kind = rd.data_kind(cfg.loss)
     if kind == rd.PREFERENCE and "helpfulness" not in cfg.attributes:
         raise ConfigError(f"loss={cfg.loss} reads the reward from the helpfulness output, but attributes="
                           f"{cfg.attributes} has none")
+    if cfg.scaling.strategy == "deepspeed" and not deepspeed_available():
+        raise ConfigError("scaling.strategy=deepspeed but DeepSpeed is not installed: "
+                          "`pip install 'steerray[deepspeed]'`, or use fsdp / ddp")
     train_file, val_file = rd.locate_split_files(cfg.data, kind)
     rd.check_prepare_manifest(cfg.data)
     if cfg.init_from:
         config_file = Path(cfg.init_from) / "config.json"
         if not config_file.is_file():
             raise RewardModelError(f"init_from={cfg.init_from} is not a reward-model folder (no config.json)")
+        found = reward_attributes(SimpleNamespace(**json.loads(config_file.read_text(encoding="utf-8"))))
+        if found != list(cfg.attributes):
+            raise RewardModelError(f"init_from={cfg.init_from} predicts {found}, but attributes={cfg.attributes}; "
+                                   "set attributes to match the model you start from")
         tokenizer_source = str(Path(cfg.init_from).resolve())
     else:
         tokenizer_source = resolve_model(cfg.model.name)  # unknown names fail here, before Ray starts
@@ -115,8 +125,10 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     tokenizer = load_tokenizer(config["tokenizer"])
     pad_id = tokenizer.pad_token_id
 
+    # load_on_rank0 (big models): only rank 0 reads weights; FSDP2 broadcasts the other ranks' shards.
+    empty = cfg.scaling.load_on_rank0 and strategy.kind == "fsdp" and not rank0
     model = build_reward_model(cfg.model.name, cfg.attributes, init_from=cfg.init_from,
-                               trust_remote_code=cfg.model.trust_remote_code)
+                               trust_remote_code=cfg.model.trust_remote_code, empty=empty)
     prepared = prepare_model(model, strategy, cfg.lora, trainable_modules=["score"],
                              gradient_checkpointing=cfg.model.gradient_checkpointing, wrap=reward_readout)
     stepper = build_optimizer_and_schedule(prepared, cfg.optim, max_steps, accumulation)
@@ -174,7 +186,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         row = {"split": "train", "step": done, "epoch": plan.epoch, "loss": loss, "lr": result.lr,
                "grad_norm": result.grad_norm, "tokens": int(tokens_total),
                **throughput.rates(int(tokens_total))}
-        throughput.reset()
         is_last = done == max_steps
         if (cfg.train.eval_every and done % cfg.train.eval_every == 0 or is_last) and val_rows:
             val_metrics = evaluate(prepared, val_rows, kind, cfg, strategy, pad_id, helpfulness, baseline)
@@ -188,6 +199,7 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
             checkpoints.save(done, {"loss": loss}, extra={"losses": history, "val": val_metrics})
         if cfg.train.fail_after_step == done:
             raise InjectedFailure(f"train.fail_after_step={done}: failing on purpose after the checkpoint")
+        throughput.reset()  # evaluation and checkpoint time stay out of the next step's tokens/s
     bar.close()
     wandb.finish()
 
@@ -283,6 +295,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if rejects:
         log.warning("%d rows rejected (reasons in %s)", len(rejects), out / "rejects.jsonl")
 
+    if cfg.scaling.num_workers != "auto":  # fail before Ray starts where the worker count is known
+        accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, int(cfg.scaling.num_workers))
+        steps_per_epoch(len(train.rows), cfg.train.global_batch_size)
     init_ray()
     plan = plan_ray_scaling(cfg.scaling)
     accumulation = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, plan.num_workers)

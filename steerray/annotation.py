@@ -294,10 +294,6 @@ class Block:
     task: ReadTask  # byte range and first line number, read by steerray.data.readers
     rows: int  # non-blank lines in the block: the rows the block must produce
 
-    @property
-    def key(self) -> str:
-        return f"{self.split}/{self.index:06d}"
-
 
 @dataclass(frozen=True)
 class FilePlan:

@@ -191,7 +191,7 @@ def predict_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_lengt
             batch = encode_reward_texts(tokenizer, [texts[i] for i in index], max_length)
             preds = reward_forward(model, batch.input_ids.to(device), batch.attention_mask.to(device))
             outputs.append((index, preds.float().cpu().numpy()))
-            truncated.extend(zip(index, batch.truncated))
+            truncated.extend(zip(index, batch.truncated, strict=True))
     result = np.zeros((len(texts), model.config.num_labels), dtype=np.float32)
     for index, preds in outputs:
         result[index] = preds

@@ -82,7 +82,8 @@ def validation_message(err: RequestValidationError) -> tuple[str, str | None, st
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Answer every error with the JSON shape above; bad input is 4xx, never a 500 with a traceback."""
+    """Answer every error with the JSON shape above; bad input is 400 (401 token, 404/405 route, 413 size),
+    never a 500 with a traceback."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -91,7 +92,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param, code = validation_message(exc)
-        return error_response(400 if code == "invalid_json" else 422, message, code=code, param=param)
+        # 400 like OpenAI (FastAPI's default is 422): one status for every malformed request.
+        return error_response(400, message, code=code, param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

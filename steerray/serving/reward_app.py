@@ -60,7 +60,7 @@ class ScoreRequest(BaseModel):
     texts: list[str] | None = Field(None, description="SteerLM-templated prompts, each ending in <extra_id_2>")
     conversations: list[dict[str, Any]] | None = Field(None, description="SteerLM conversation records")
     truncation: Literal["error", "left"] = Field(
-        "error", description="over-long inputs: 'error' (422) or 'left' (keep the last max_length tokens)")
+        "error", description="over-long inputs: 'error' (400) or 'left' (keep the last max_length tokens)")
     keep_human_labels: bool = Field(False, description="conversations: keep human label values, fill the rest")
     all_assistant_turns: bool = Field(
         True, description="conversations: score every Assistant turn (False: only turns with a label key, "
@@ -142,7 +142,7 @@ class RewardDeployment:
         limit = self.predictor.max_length
         for name, count in zip(names, self.predictor.token_counts(texts), strict=True):
             if count > limit:
-                raise ApiError(422, f"{name} has {count} tokens, over max_length {limit}; send "
+                raise ApiError(400, f"{name} has {count} tokens, over max_length {limit}; send "
                                     f"\"truncation\": \"left\" to score its last {limit} tokens",
                                code="too_long", param=name)
 
@@ -159,11 +159,11 @@ class RewardDeployment:
     async def score(self, body: ScoreRequest) -> dict[str, Any]:
         self.stats["requests"] += 1
         if (body.texts is None) == (body.conversations is None):
-            raise ApiError(422, "give exactly one of 'texts' or 'conversations'", code="invalid_request")
+            raise ApiError(400, "give exactly one of 'texts' or 'conversations'", code="invalid_request")
         items = body.texts if body.texts is not None else body.conversations
         field = "texts" if body.texts is not None else "conversations"
         if not items:
-            raise ApiError(422, f"'{field}' is empty", code="invalid_request", param=field)
+            raise ApiError(400, f"'{field}' is empty", code="invalid_request", param=field)
         if len(items) > self.max_items:
             raise ApiError(413, f"{len(items)} {field} in one request; the limit is {self.max_items}",
                            code="too_many_items", param=field)
@@ -174,9 +174,9 @@ class RewardDeployment:
     async def _score_texts(self, texts: list[str], truncation: str) -> dict[str, Any]:
         for i, text in enumerate(texts):
             if not text.strip():
-                raise ApiError(422, f"texts.{i} is empty", code="empty_text", param=f"texts.{i}")
+                raise ApiError(400, f"texts.{i} is empty", code="empty_text", param=f"texts.{i}")
             if not text.endswith(LABEL_START):
-                raise ApiError(422, f"texts.{i} does not end with {LABEL_START!r}: the model reads its score "
+                raise ApiError(400, f"texts.{i} does not end with {LABEL_START!r}: the model reads its score "
                                     "there; render it with the SteerLM template or send 'conversations'",
                                code="not_templated", param=f"texts.{i}")
         if truncation == "error":
@@ -193,7 +193,7 @@ class RewardDeployment:
             try:
                 validate_conversation(record, require_assistant=True)
             except ConversationError as err:
-                raise ApiError(422, f"conversations.{i}: {err}", code="invalid_conversation",
+                raise ApiError(400, f"conversations.{i}: {err}", code="invalid_conversation",
                                param=f"conversations.{i}") from None
         plan = plan_scoring(conversations, all_assistant_turns=body.all_assistant_turns)
         texts = plan.texts

@@ -9,11 +9,15 @@ Public API (import from the submodules; this package imports nothing heavy on it
     - ``resolve_strategy(scaling_cfg) -> Strategy``: worker side (or a plain process, world size 1):
       ``.kind`` (fsdp | ddp | deepspeed | single), ``.device``, ``.precision`` (bf16 on GPU, fp32 on CPU),
       ``.world_size``, ``.rank``, ``.is_rank0``, ``.autocast()``, ``.all_reduce_sum([..])``,
-      ``.all_gather_objects(obj)``, ``.barrier()``.
+      ``.all_gather_objects(obj)``, ``.barrier()``, ``.compute_dtype``.
     - ``prepare_model(model, strategy, lora_cfg, *, trainable_modules=(), gradient_checkpointing=False,
       wrap=None) -> PreparedModel``: peft LoRA (``trainable_modules`` such as the reward head ``score`` stay
       fully trainable via ``modules_to_save``), then FSDP2 ``fully_shard`` per decoder layer + root / DDP.
-      Call ``prepared.module(...)`` (the root); ``prepared.model`` is the HF/peft model inside.
+      Call ``prepared.module(...)`` (the root); ``prepared.model`` is the HF/peft model inside;
+      ``prepared.num_parameters(trainable_only=)``, ``prepared.flops_parameters()`` (for MFU: no embedding
+      lookup, lm_head counted). ``lora.last_layers=N`` adapts only the top N layers (cheap backward).
+      Big models: build the model on the meta device on ranks != 0 (``scaling.load_on_rank0``) and FSDP2
+      broadcasts rank 0's weights into every shard after ``fully_shard``.
     - ``build_optimizer_and_schedule(prepared, optim_cfg, max_steps, accumulation_steps) -> Stepper``:
       AdamW + NeMo CosineAnnealing (DeepSpeed ZeRO engine when ``scaling.strategy=deepspeed``).
       ``with stepper.micro_step(last=...): stepper.backward(loss)``; ``stepper.step() -> StepResult``
@@ -43,7 +47,8 @@ Public API (import from the submodules; this package imports nothing heavy on it
     - ``check_fingerprint(storage_dir, fingerprint)``: a re-run resumes only the same model/data/loss.
 ``steerray.training.metrics``
     - ``MetricsWriter(path, enabled=rank0, resume_step=)``, ``read_metrics``, ``Throughput(num_params, peak,
-      world_size)``, ``measure_matmul_peak(device, dtype)``, ``train_flops_per_token``, ``progress_bar``,
+      world_size, flops_per_token=None)``, ``measure_matmul_peak(device, dtype)``, ``train_flops_per_token``,
+      ``train_flops_per_token_partial`` (LoRA), ``progress_bar``,
       ``WandbLogger`` (only with WANDB_API_KEY / WANDB_MODE; offline-safe).
 ``steerray.training.reward_data``
     - reward-specific: read/validate a ``prepare`` folder, tokenize with left truncation, collate.

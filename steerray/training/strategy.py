@@ -464,16 +464,17 @@ class Stepper:
 
     def backward(self, loss: Any) -> None:
         if self.prepared.strategy.kind == "deepspeed":
-            # DeepSpeed divides by its gradient_accumulation_steps; our losses are already global means.
+            # DeepSpeed divides by its gradient_accumulation_steps (our losses are already global means),
+            # and wants step() after every micro-batch: it only updates at the accumulation boundary.
             self.engine.backward(loss * self.accumulation_steps)
+            self.engine.step()
         else:
             loss.backward()
 
     def step(self) -> StepResult:
         import torch
 
-        if self.prepared.strategy.kind == "deepspeed":
-            self.engine.step()
+        if self.prepared.strategy.kind == "deepspeed":  # already stepped in backward() at the boundary
             norm = self.engine.get_global_grad_norm()
             lr = float(self.engine.get_lr()[0])
             return StepResult(float(norm) if norm is not None else float("nan"), lr)

@@ -29,7 +29,7 @@ def make_client(token: str | None) -> TestClient:
     @app.post("/echo", dependencies=[Depends(bearer_guard(token_digest(token)))])
     def echo(body: Body) -> dict:
         if not body.texts:
-            raise ApiError(422, "'texts' is empty", code="invalid_request", param="texts")
+            raise ApiError(400, "'texts' is empty", code="invalid_request", param="texts")
         return {"n": len(body.texts)}
 
     @app.get("/boom")
@@ -61,10 +61,10 @@ def test_errors_are_json_with_a_reason_and_4xx_for_bad_input():
     client = make_client(None)
     cases = [
         (client.post("/echo", content=b"{not json", headers={"Content-Type": "application/json"}), 400, "invalid_json"),
-        (client.post("/echo", json={"txts": ["a"]}), 422, "invalid_request"),
-        (client.post("/echo", json={"texts": "a"}), 422, "invalid_request"),
-        (client.post("/echo", json=[1, 2]), 422, "invalid_request"),
-        (client.post("/echo", json={"texts": []}), 422, "invalid_request"),
+        (client.post("/echo", json={"txts": ["a"]}), 400, "invalid_request"),
+        (client.post("/echo", json={"texts": "a"}), 400, "invalid_request"),
+        (client.post("/echo", json=[1, 2]), 400, "invalid_request"),
+        (client.post("/echo", json={"texts": []}), 400, "invalid_request"),
         (client.get("/nowhere"), 404, None),
         (client.get("/echo"), 405, None),
     ]

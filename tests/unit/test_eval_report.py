@@ -6,6 +6,8 @@ import base64
 import json
 import re
 
+import pytest
+
 from steerray.attributes import ATTRIBUTES
 from steerray.eval.report import fmt, write_report
 from steerray.eval.steerability import example_answers, summarize_grid
@@ -34,8 +36,15 @@ def _results() -> dict:
             "steerability": steer, "bootstrap": boot, "timings": {"steerability": 12.5}}
 
 
-def test_write_report_files_and_numbers(tmp_path):
-    paths = write_report(_results(), tmp_path)
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """One report for the tests below: plotting is the slow part."""
+    out = tmp_path_factory.mktemp("report")
+    return out, write_report(_results(), out)
+
+
+def test_write_report_files_and_numbers(written):
+    tmp_path, paths = written
     for name in ("eval", "markdown", "html", "plot_steering_curves", "plot_verbosity_length", "plot_cross_matrix",
                  "plot_reward_metrics", "plot_bootstrap"):
         assert paths[name].is_file(), name
@@ -54,8 +63,8 @@ def test_write_report_files_and_numbers(tmp_path):
     assert "| humor |" not in md.split("## Steerability")[0]  # unlabelled attribute left out of RM table
 
 
-def test_html_is_self_contained(tmp_path):
-    write_report(_results(), tmp_path)
+def test_html_is_self_contained(written):
+    tmp_path, _ = written
     page = (tmp_path / "report.html").read_text()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     assert len(images) == 5
