@@ -9,6 +9,7 @@ install:
 
 install-test:
 	@scripts/install.sh test
+	@scripts/install_browser.sh
 
 demo: install
 	$(VENV)/bin/steerray pipeline --config jobs/configs/demo/pipeline.yaml --run $(RUN)

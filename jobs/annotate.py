@@ -12,8 +12,8 @@ Outputs under `out`: one annotated file per input file, same name and row order 
 val.jsonl, ...), rejects.jsonl (file, line and reason of every malformed row), manifest.json last.
 
 Ray Data reads each input file in blocks of `block_size` lines; an actor pool scores them in batched
-forward passes (or, with `via`, posts them to a running `serve-reward`); each finished block is written
-at once as an atomic part file under `out/.parts/`. Killed at any moment and re-run with the same
+forward passes (or, with `via`, Ray Data tasks post them to a running `serve-reward`); each finished
+block is written at once as an atomic part file under `out/.parts/`. Killed at any moment and re-run with the same
 command, the job skips the finished blocks and redoes the rest, so the merged output holds exactly one
 row per input row, in input order.
 """
@@ -120,21 +120,26 @@ def part_path(parts: Path, block: Block) -> Path:
     return parts / block.split / f"{block.index:06d}.part.jsonl"
 
 
-# 3. The scoring actor: loads the model once (or connects to the server), then annotates batches.
+# 3. The scoring actor: loads the model once, then annotates batches in batched forward passes.
 class Annotator:
-    def __init__(self, config: dict[str, Any], token: str | None) -> None:
+    def __init__(self, config: dict[str, Any]) -> None:
         cfg = AnnotateConfig.model_validate(config)
-        if cfg.via:
-            self.predict: Any = HttpPredictor(cfg.via, token, timeout_s=cfg.timeout_s)
-        else:
-            self.predict = load_predictor(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,
-                                          precision=cfg.precision, trust_remote_code=cfg.trust_remote_code,
-                                          threads=cfg.threads_per_actor or threads_for(cfg.cpus_per_actor))
+        self.predict = load_predictor(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,
+                                      precision=cfg.precision, trust_remote_code=cfg.trust_remote_code,
+                                      threads=cfg.threads_per_actor or threads_for(cfg.cpus_per_actor))
         self.attributes = self.predict.attributes
         self.options = {"keep_human_labels": cfg.keep_human_labels, "all_assistant_turns": cfg.all_assistant_turns}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         return annotate_rows(batch, self.predict, self.attributes, **self.options)
+
+
+def annotate_via_server(batch: dict[str, Any], config: dict[str, Any], token: str | None) -> dict[str, Any]:
+    """Ray Data task body for ``via``: the same batch transform, scored by a running serve-reward."""
+    cfg = AnnotateConfig.model_validate(config)
+    predict = HttpPredictor(cfg.via, token, timeout_s=cfg.timeout_s)
+    return annotate_rows(batch, predict, predict.attributes, keep_human_labels=cfg.keep_human_labels,
+                         all_assistant_turns=cfg.all_assistant_turns)
 
 
 def read_block(block: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,14 +153,21 @@ def run_blocks(config: AnnotateConfig, pending: list[Block], parts: Path, token:
 
     expected = {(b.split, b.index): b for b in pending}
     gathered: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    use_gpu = cluster_gpus() > 0 and not config.via
+    use_gpu = cluster_gpus() > 0
     ds = ray.data.from_items([{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start,
                                "end": b.task.end, "first_line": b.task.first_line} for b in pending])
-    ds = ds.flat_map(read_block).map_batches(
-        Annotator, fn_constructor_kwargs={"config": config.model_dump(mode="json"), "token": token},
-        batch_size=config.batch_size * 4, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-        num_cpus=0.25 if config.via else config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+    ds = ds.flat_map(read_block)
+    if config.via:
+        # HTTP clients need no model: plain tasks on Ray's already-warm workers, no actor to start.
+        ds = ds.map_batches(annotate_via_server, fn_kwargs={"config": config.model_dump(mode="json"), "token": token},
+                            batch_size=config.batch_size * 4, batch_format="numpy", num_cpus=0.25,
+                            concurrency=config.num_actors)
+    else:
+        ds = ds.map_batches(
+            Annotator, fn_constructor_kwargs={"config": config.model_dump(mode="json")},
+            batch_size=config.batch_size * 4, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+            num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
     counts = {"rows": 0, "blocks": 0}
     progress = tqdm(total=sum(b.rows for b in pending), desc="annotate", unit="row", file=sys.stderr,
                     disable=not sys.stderr.isatty())

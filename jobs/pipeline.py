@@ -84,7 +84,7 @@ def fail_stage(item: PlannedStage, cfg: PipelineConfig, err: BaseException) -> P
     message = str(err) if isinstance(err, SteerrayError) else f"{type(err).__name__}: {err}"
     return PipelineFailed(
         f"stage {item.name!r} ({item.stage.command}) failed: {message}\n"
-        f"  its folder {item.folder} has no manifest, so the stages before it stay done and a re-run resumes here\n"
+        f"  its folder {item.folder} has no manifest: a re-run keeps the finished stages and resumes here\n"
         f"  traceback: {log_path}\n"
         f"  resume with: {resume_command(cfg)}")
 

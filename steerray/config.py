@@ -180,7 +180,7 @@ class AnnotateConfig(StrictModel):
     # Tokens; longer prompts lose tokens from the left. None: train-reward's model.max_length (from its
     # manifest), else the tokenizer's limit (at most 4096). With `via` the server's setting applies.
     max_length: int | None = Field(None, ge=8)
-    num_actors: int = Field(1, ge=1)  # scoring actors (model replicas)
+    num_actors: int = Field(1, ge=1)  # scoring actors (model copies); with `via`: concurrent HTTP client tasks
     cpus_per_actor: float = Field(0.5, gt=0)  # Ray CPUs reserved per actor; <= 0.5 leaves room for reads
     threads_per_actor: int | None = Field(None, ge=1)  # torch threads (CPU); None: cpus_per_actor, at least 1
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU

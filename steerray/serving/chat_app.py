@@ -21,6 +21,7 @@ contain template markers. Bad input gets a 4xx in the OpenAI error shape and the
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -216,6 +217,12 @@ class ChatDeployment:
 # Building and starting the application
 # --------------------------------------------------------------------------------------------------
 
+def cpu_threads(replicas: int) -> int:
+    """Torch threads per replica: this machine's CPUs shared by the replicas (Ray would give each 1)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, available // max(1, replicas))
+
+
 def served_name(model: str) -> str:
     """The id clients use: an alias or hub id as given; a folder's name (with its parent if generic)."""
     from steerray.models.loading import ALIASES
@@ -241,8 +248,6 @@ def build_app(config: ServeConfig, token: str | None = None, *, use_gpu: bool = 
         raise EngineError("engine 'vllm' needs a GPU in the Ray cluster; use --engine transformers or auto")
     threads = config.threads_per_replica
     if threads is None and not use_gpu:
-        from steerray.annotation import cpu_threads
-
         threads = cpu_threads(config.replicas)
     deployment = ChatDeployment.options(
         name="ChatModel",

@@ -121,3 +121,38 @@ def test_runtime_env_example():
 
     assert set(SUBMIT_EXCLUDES) <= set(env["excludes"])  # the example ships what the CLI ships
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray demands string values
+
+
+def _readme_commands() -> list[str]:
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", (CLUSTER / "README.md").read_text(), flags=re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip().removeprefix("# or: ")
+            if line.startswith("steerray "):
+                commands.append(line.replace("$A", "--address=http://127.0.0.1:8265"))
+    return commands
+
+
+def test_cluster_readme_commands_parse():
+    """Every `steerray` command of the walk-through parses, and every preset it names exists."""
+    import shlex
+
+    import typer
+
+    from steerray.cli import app
+    from steerray.config import resolve_preset
+
+    commands = _readme_commands()
+    assert any(c.startswith("steerray pipeline") for c in commands) and any("serve" in c for c in commands)
+    group = typer.main.get_command(app)
+    for command in commands:
+        args = shlex.split(command)[1:]
+        ctx = group.make_context("steerray", list(args), resilient_parsing=True)
+        name, sub, rest = group.resolve_command(ctx, args)
+        assert sub is not None, command
+        try:
+            sub.make_context(name, rest)
+        except Exception as err:  # click's UsageError family (typer vendors its own click)
+            pytest.fail(f"{command}: {type(err).__name__}: {err}")
+        for preset in re.findall(r"--config (\S+)", command):
+            resolve_preset(preset)

@@ -15,6 +15,7 @@ from steerray.serving.engines import (
     TransformersEngine,
     choose_engine,
     make_engine,
+    vllm_available,
 )
 from steerray.serving.openai_schema import stop_strings
 
@@ -43,7 +44,8 @@ async def collect(engine, prompt: str, started: asyncio.Event | None = None, wai
 
 
 def test_engine_answers_exactly_as_plain_generate(engine):
-    assert isinstance(engine, TransformersEngine) and choose_engine("auto") == "transformers"  # no GPU here
+    assert isinstance(engine, TransformersEngine)
+    assert choose_engine("auto") == ("vllm" if vllm_available() else "transformers")
     prompts = [steered_prompt(0), steered_prompt(4)]
     reference = generate_batch(engine.model, engine.tokenizer, prompts, max_new_tokens=40)
     assert [r.text for r in reference] == [SHORT_ANSWER, LONG_ANSWER]

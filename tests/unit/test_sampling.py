@@ -73,3 +73,31 @@ def test_sample_scorer_matches_direct_generation_and_scoring(tiny_model_dir, rew
 
     texts = TextScorer(reward_dir, max_length=64, threads=1)({"id": np.array([0]), "text": np.array(["a " * 100])})
     assert bool(texts["truncated"][0]) and len(json.loads(texts["scores"][0])) == len(ATTRIBUTES)
+
+
+def test_engine_choice():
+    from steerray.eval.sampling import use_vllm
+
+    assert use_vllm("auto", "cpu") is False and use_vllm("vllm", "cpu") is False  # no vLLM without a GPU
+    assert use_vllm("transformers", "cuda") is False
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        assert use_vllm("auto", "cuda") is False  # auto falls back to transformers
+        with pytest.raises(ImportError):
+            use_vllm("vllm", "cuda")  # asked for explicitly: say it is missing
+
+
+@pytest.mark.gpu
+def test_sample_scorer_on_gpu_uses_bf16(tiny_model_dir, reward_dir):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    sampling = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "batch_size": 2, "max_prompt_tokens": 256,
+                "engine": "transformers", "seed": 1}
+    scorer = SampleScorer(tiny_model_dir, reward_dir, sampling)
+    assert scorer.device == "cuda" and next(scorer.policy.parameters()).dtype == torch.bfloat16
+    assert next(scorer.reward.parameters()).dtype == torch.bfloat16
+    out = scorer({"id": np.array([0]), "messages": np.array([json.dumps([{"role": "user", "content": "Hi"}])],
+                                                             dtype=object), "label": np.array([steering_label()])})
+    assert len(json.loads(out["scores"][0])) == len(ATTRIBUTES)

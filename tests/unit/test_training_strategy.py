@@ -128,3 +128,21 @@ def test_checkpoint_fingerprint_guards_reruns(tmp_path):
     assert check_fingerprint(tmp_path, {"model": "a", "loss": "regression"}) is False  # no checkpoint yet
     with pytest.raises(CheckpointMismatch, match="loss changed"):
         check_fingerprint(tmp_path, {"model": "a", "loss": "scaled_bt"})
+
+
+@pytest.mark.gpu
+def test_gpu_picks_bf16_and_exports_bf16(tmp_path, tiny_model_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer, prepared, stepper, batch = _setup(tiny_model_dir, LoraConfig(enabled=True, r=4))
+    strategy = prepared.strategy
+    assert strategy.device.type == "cuda" and strategy.precision == "bf16"
+    batch.input_ids, batch.attention_mask = batch.input_ids.cuda(), batch.attention_mask.cuda()
+    with strategy.autocast():
+        losses = _train(prepared, stepper, batch, 3)
+    assert all(loss == loss for loss in losses)  # finite under bf16 autocast
+    export_model(prepared, tmp_path / "model", tokenizer)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "model", dtype="auto")
+    assert loaded.score.weight.dtype == torch.bfloat16
