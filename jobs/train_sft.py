@@ -240,6 +240,7 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     val_loss = evaluate(prepared, val_rows, train.micro_batch_size, pad_id)
     if rank0:
         writer.write({"step": total_steps, "split": "val", "loss": val_loss})
+    prepared.base_hf_model().config.use_cache = True  # the exported model generates with a KV cache
     export_model(prepared, out / "model", tokenizer)
     wandb.log({"val_loss": val_loss}, total_steps)
     wandb.finish()

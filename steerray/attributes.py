@@ -97,8 +97,8 @@ def check_range(values: Mapping[str, float], *, allow_preference: bool = False) 
     """Every value within 0-4 (the quality slot may hold a signed preference strength)."""
     for name, value in values.items():
         low, high = MIN_VALUE, MAX_VALUE
-        if allow_preference and name == "quality":
-            low, high = PREFERENCE_RANGE
+        if allow_preference and name == "quality":  # a 0-4 quality or a signed strength
+            low = PREFERENCE_RANGE[0]
         if not low <= value <= high:
             raise LabelError(f"attribute {name!r} = {_format_value(value)} is outside {low}..{high}")
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from steerray.commands.common import ADDRESS_HELP, OVERRIDES_HELP, echo, fail, resolve_stage_config, run_stage
@@ -27,12 +25,12 @@ def prepare(
         help=f"NAME[=LOCATION], repeatable. NAME: {', '.join(SOURCES)}. LOCATION: hub id, hf:// path, local "
              "jsonl/jsonl.gz/parquet file or folder; without it the public hub dataset is used."),
     out: str = typer.Option(..., "--out", "-o", help="Output folder."),
-    val_fraction: Optional[float] = typer.Option(None, help="Share of groups (trees, prompts) held out when the source has no split."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the hash that assigns splits."),
+    val_fraction: float | None = typer.Option(None, help="Share of groups (trees, prompts) held out when the source has no split."),
+    seed: int | None = typer.Option(None, help="Seed of the hash that assigns splits."),
     repeat: list[str] = typer.Option([], "--repeat", help="NAME=COUNT: copies of that source's train rows (the reference's oversampling)."),
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="YAML preset (e.g. demo/prepare)."),
-    address: Optional[str] = typer.Option(None, "--address", help=ADDRESS_HELP),
-    overrides: Optional[list[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+    config: str | None = typer.Option(None, "--config", "-c", help="YAML preset (e.g. demo/prepare)."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Read sources with Ray Data; write conversations/, regression/, preference/, rejects.jsonl, manifest.json."""
     try:

@@ -77,7 +77,7 @@ class SamplingFields(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i samples with seed + i
     stop: str | list[str] | None = None
     steering: dict[str, Any] | None = None  # steerray's extension: attribute -> 0..4
 

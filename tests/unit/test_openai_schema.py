@@ -55,6 +55,7 @@ def test_what_the_openai_client_sends_parses_with_openai_defaults():
     ({"messages": [{"role": "user", "content": "x"}], "n": 9}, "n", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**70}, "seed", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "unsupported"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported"),
