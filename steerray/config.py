@@ -124,15 +124,20 @@ class PrepareConfig(StrictModel):
         return value
 
 
-class RewardConfig(StrictModel):
-    data: str = "runs/prepare"  # a prepare output folder
-    out: str = "runs/reward"
+class TrainStageConfig(StrictModel):
+    """What every Ray Train stage shares: the model, LoRA, optimizer, loop, scaling and logging."""
+
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+
+class RewardConfig(TrainStageConfig):
+    data: str = "runs/prepare"  # a prepare output folder
+    out: str = "runs/reward"
     # regression: masked MSE on regression/; the Bradley-Terry variants train on preference/ pairs
     # and read the reward from the helpfulness output.
     loss: Literal["regression", "scaled_bt", "regular_bt", "margin_bt"] = "regression"
@@ -148,15 +153,9 @@ class RewardConfig(StrictModel):
         return value
 
 
-class SFTConfig(StrictModel):
+class SFTConfig(TrainStageConfig):
     data: str = "runs/annotate"  # conversation jsonl file or folder
     out: str = "runs/sft"
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    lora: LoraConfig = Field(default_factory=LoraConfig)
-    optim: OptimConfig = Field(default_factory=OptimConfig)
-    train: TrainLoopConfig = Field(default_factory=TrainLoopConfig)
-    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
-    logging: LoggingConfig = Field(default_factory=LoggingConfig)
     val_fraction: float = Field(0.05, ge=0, lt=1)  # used when the data has no val split
     sample_prompts: list[str] = Field(default_factory=lambda: [
         "Explain why the sky is blue.", "Give me tips for learning a new language."])
