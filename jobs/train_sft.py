@@ -41,10 +41,15 @@ from steerray.data.sft import (
     locate_sft_data,
     tokenize_rows,
 )
+from steerray.errors import SteerrayError
 from steerray.runtime import init_ray, job_config_from_argv
 
 STAGE = "sft"
 log = logging.getLogger("steerray")
+
+
+class SFTTrainingFailed(SteerrayError, RuntimeError):
+    """The Ray Train run failed (its workers' errors are in the message); a re-run resumes."""
 
 
 # 1. Data, on the driver before any worker starts: read numbered lines with Ray Data, render, tokenize
@@ -335,7 +340,13 @@ def run(config: SFTConfig) -> dict[str, Any]:
             name="sft", storage_path=str(out / "checkpoints"),
             failure_config=ray.train.FailureConfig(max_failures=config.scaling.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)))
-    summary = {**trainer.fit().return_value, "rows": counts, "seconds": round(time.time() - started, 1)}
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise SFTTrainingFailed(f"training failed after {config.scaling.max_failures} restart(s): {err}\n"
+                                f"Re-running the same command resumes from the last checkpoint in "
+                                f"{out / 'checkpoints'}") from None
+    summary = {**result.return_value, "rows": counts, "seconds": round(time.time() - started, 1)}
     write_manifest(out, STAGE, config, summary=summary, counts=counts,
                    outputs=[name for name in ("model", "metrics.jsonl", "samples.jsonl", "samples.md", "rejects.jsonl")
                             if (out / name).exists()])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from pathlib import Path
@@ -53,10 +54,18 @@ def tiny_config(data: Path, out: Path, *overrides: str) -> SFTConfig:
     return load_config(SFTConfig, "tiny/sft", [f"data={data}", f"out={out}", *overrides])
 
 
-def run_job(config: SFTConfig) -> dict:
-    from steerray.runtime import encode_config, load_job_module
+@functools.cache
+def job_module():
+    """jobs/train_sft.py, loaded once (each load makes new classes, e.g. its exception type)."""
+    from steerray.runtime import load_job_module
 
-    return load_job_module("train_sft").main(["--config-b64", encode_config(dump_yaml(config))])
+    return load_job_module("train_sft")
+
+
+def run_job(config: SFTConfig) -> dict:
+    from steerray.runtime import encode_config
+
+    return job_module().main(["--config-b64", encode_config(dump_yaml(config))])
 
 
 def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
@@ -70,8 +79,9 @@ def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
     data = write_conversations(tmp_path / "conv.jsonl", 60, seed=0, bad_rows=True)
     out = tmp_path / "sft"
     config = tiny_config(data, out, "train.fail_after_step=4", "scaling.max_failures=0")
-    with pytest.raises(Exception, match="injected failure"):
+    with pytest.raises(job_module().SFTTrainingFailed, match="injected failure") as failure:
         run_job(config)
+    assert "Re-running the same command resumes" in str(failure.value)
     assert not (out / "manifest.json").exists()  # the stage did not finish
     assert list((out / "checkpoints").rglob("checkpoint_step00000004"))
 
@@ -104,6 +114,7 @@ def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
     answer = generate_batch(model, tokenizer, [prompt], max_new_tokens=6)[0]
     assert answer.completion_tokens > 0
     assert all(p.dtype == torch.float32 for p in model.parameters())  # fp32 on CPU
+    assert model.config.use_cache  # training turns the KV cache off; the export generates with it
 
 
 def test_lora_ddp_adapter_export_via_cli(ray_session, tmp_path):
