@@ -6,11 +6,12 @@
 In one process, same model, same requests, greedy decoding, same stop marker:
 
 1. baseline:  the model generating the requests one after the other in a plain loop (transformers
-              ``generate`` through steerray.models.generation.generate_batch, one prompt per call, no server)
+              ``generate`` through steerray.models.generation.generate_batch, one prompt per call, no server,
+              stopping at the same strings as the server)
 2. server:    `steerray serve` on an embedded Ray (transformers engine), the same requests sent by C
               concurrent HTTP clients (C = 1, 4, 16), non-streaming, tokens counted from ``usage``
 
-Prints tokens/s, requests/s, p50/p95 latency per setting, the ratio of each to the baseline, and whether
+Prints tokens/s, p50/p95 request latency per setting, the ratio of each to the baseline, and whether
 the server's greedy answers equal the baseline's. The baseline runs before Ray starts, so the two never
 share the CPU.
 """
@@ -57,17 +58,19 @@ def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tok
     from steerray.attributes import steering_label
     from steerray.models.generation import generate_batch
     from steerray.models.loading import load_causal_lm, load_tokenizer
+    from steerray.serving.openai_schema import stop_strings
     from steerray.templates import generation_prompt
 
     torch.set_num_threads(threads)
     tokenizer, lm = load_tokenizer(model), load_causal_lm(model).eval()
     prompts = [generation_prompt([{"role": "user", "content": q}], steering_label(s)) for q, s in requests]
+    stops = stop_strings()  # what the server stops at: the stop marker and the other template markers
     generate_batch(lm, tokenizer, prompts[:1], max_new_tokens=4)  # warm-up
     latencies, tokens, texts = [], 0, []
     started = time.perf_counter()
     for prompt in prompts:
         t0 = time.perf_counter()
-        (result,) = generate_batch(lm, tokenizer, [prompt], max_new_tokens=max_tokens)
+        (result,) = generate_batch(lm, tokenizer, [prompt], max_new_tokens=max_tokens, stop=stops)
         latencies.append(time.perf_counter() - t0)
         tokens += result.completion_tokens
         texts.append(result.text)

@@ -57,12 +57,20 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int | None = None) ->
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_config=logging_config)
     else:
-        ray.init(
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
-            logging_config=logging_config,
-        )
+        for attempt in range(3):
+            try:
+                ray.init(
+                    num_cpus=num_cpus,
+                    include_dashboard=False,
+                    object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
+                    logging_config=logging_config,
+                )
+                break
+            except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a busy box
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    raise
+                log.warning("Ray's node start-up timed out (busy machine?); retrying")
+                ray.shutdown()
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
