@@ -101,7 +101,6 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
         WandbLogger,
         measure_matmul_peak,
         progress_bar,
-        train_flops_per_token_partial,
     )
     from steerray.training.strategy import (
         build_optimizer_and_schedule,
@@ -139,10 +138,8 @@ def train_loop(config: dict[str, Any]) -> dict[str, Any] | None:
     writer = MetricsWriter(out / "metrics.jsonl", enabled=rank0, resume_step=start)
     wandb = WandbLogger(cfg.logging.wandb_project, config["cfg"], name=out.name, out_dir=out, enabled=rank0)
     peak = measure_matmul_peak(strategy.device, strategy.compute_dtype)
-    flops_params = prepared.flops_parameters()
-    trainable = prepared.num_parameters(trainable_only=True)
-    throughput = Throughput(flops_params, peak, strategy.world_size,
-                            flops_per_token=train_flops_per_token_partial(flops_params, min(trainable, flops_params)))
+    throughput = Throughput(prepared.flops_parameters(), peak, strategy.world_size,
+                            flops_per_token=prepared.train_flops_per_token())
     helpfulness = cfg.attributes.index("helpfulness") if kind == rd.PREFERENCE else None
 
     def loss_of(batch: dict[str, Any]) -> tuple[Any, Any]:

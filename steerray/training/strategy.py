@@ -262,6 +262,23 @@ class PreparedModel:
             total += _full_numel(output.weight)  # tied: removed with the embeddings, but still a matmul
         return total
 
+    def train_flops_per_token(self) -> float:
+        """Training FLOPs per token: forward ``2N``, input gradients ``2N'`` through the layers above the lowest
+        trainable one (the backward pass stops there), weight gradients ``2T`` for trainable matmul weights.
+
+        ``N`` is :meth:`flops_parameters`; full fine-tuning gives the usual ``6N``. Attention is ignored.
+        """
+        base = self.base_hf_model()
+        n = self.flops_parameters()
+        layers = decoder_layers(base)
+        first = next((i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())),
+                     len(layers))
+        below = sum(_full_numel(p) for layer in layers[:first] for p in layer.parameters())
+        embed = base.get_input_embeddings() if hasattr(base, "get_input_embeddings") else None
+        embed_ids = {id(embed.weight)} if embed is not None else set()
+        trainable = sum(_full_numel(p) for p in base.parameters() if p.requires_grad and id(p) not in embed_ids)
+        return 2.0 * n + 2.0 * (n - below) + 2.0 * min(trainable, n)
+
     def train(self) -> None:
         self.module.train()
 

@@ -29,7 +29,7 @@ ASK = [{"role": "user", "content": QUESTION}]
 def server(ray_session):
     from ray import serve
 
-    url = start_server(steerable_model_dir(), token=TOKEN, app_name="test-chat")
+    url = start_server(steerable_model_dir(), token=TOKEN, app_name="test-chat", max_batch_size=64)
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0, timeout=120)
     yield url, client
     serve.shutdown()

@@ -67,6 +67,24 @@ def test_plan_ray_scaling_follows_the_cluster():
         plan_ray_scaling(ScalingConfig(use_gpu=True), gpus_in_cluster=0)
 
 
+def test_training_flops_follow_what_trains(tiny_model_dir):
+    from steerray.models.reward import build_reward_model, reward_readout
+
+    strategy = resolve_strategy(ScalingConfig())
+    full = prepare_model(build_reward_model(tiny_model_dir), strategy, None, wrap=reward_readout)
+    n = full.flops_parameters()
+    embeddings = full.base_hf_model().get_input_embeddings().weight.numel()
+    assert n == full.num_parameters() - embeddings  # an embedding lookup is not a matmul
+    assert full.train_flops_per_token() == pytest.approx(6 * n)
+    top = prepare_model(build_reward_model(tiny_model_dir), strategy,
+                        LoraConfig(enabled=True, r=4, last_layers=1), trainable_modules=["score"])
+    layer = sum(p.numel() for p in top.base_hf_model().model.layers[0].parameters())
+    trainable = top.num_parameters(trainable_only=True)
+    # forward everywhere, input gradients only above layer 0, weight gradients for LoRA + head
+    assert top.train_flops_per_token() == pytest.approx(2 * top.flops_parameters() +
+                                                        2 * (top.flops_parameters() - layer) + 2 * trainable)
+
+
 def test_lora_reward_model_keeps_its_head_in_both_exports(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
