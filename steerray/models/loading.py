@@ -104,6 +104,23 @@ def _build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+@contextlib.contextmanager
+def expected_new_head() -> Iterator[None]:
+    """Silence transformers' load report while a backbone gets a fresh head (a reward model's ``score``).
+
+    The report lists the head as MISSING, which is the point of building one; users saw it as an error.
+    Anything worse than a warning still comes through.
+    """
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
 def resolve_model(name: str) -> str:
     """A local folder for aliases and paths; hub ids are returned as they are."""
     if name == SMOLLM2_ALIAS:

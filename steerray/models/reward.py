@@ -18,7 +18,7 @@ from typing import Any
 
 from steerray.attributes import ATTRIBUTES, check_attribute
 from steerray.errors import SteerrayError
-from steerray.models.loading import load_tokenizer, resolve_model
+from steerray.models.loading import expected_new_head, load_tokenizer, resolve_model
 
 
 class RewardModelError(SteerrayError, ValueError):
@@ -65,8 +65,9 @@ def build_reward_model(backbone: str, attributes: Sequence[str] = ATTRIBUTES, *,
         if found != list(attributes):
             raise RewardModelError(f"init_from {init_from} predicts {found}, but this run asks for {list(attributes)}")
         return model
-    model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(backbone), dtype=dtype, trust_remote_code=trust_remote_code, **attribute_config(attributes))
+    with expected_new_head():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(backbone), dtype=dtype, trust_remote_code=trust_remote_code, **attribute_config(attributes))
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,10 @@ def apply_lora(model: Any, lora: LoraConfig, trainable_modules: Sequence[str] = 
         target_modules=lora_target_modules(model, lora, trainable_modules),
         modules_to_save=list(trainable_modules) or None, bias="none", **layer_kwargs,
     )
-    return get_peft_model(model, peft_config), peft_config
+    with warnings.catch_warnings():
+        # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing`: noise in every LoRA run's log.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, peft_config), peft_config
 
 
 def prepare_model(model: Any, strategy: Strategy, lora: LoraConfig | None = None, *,
