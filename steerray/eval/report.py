@@ -86,6 +86,7 @@ def plot_steering_curves(steer: Mapping[str, Any], path: Path) -> Path | None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle("Steering: requested vs measured attribute value")
+    fig.tight_layout()  # keeps the panel titles clear of the suptitle
     return _save(fig, path)
 
 
