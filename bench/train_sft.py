@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_sft.py                         # smollm2-135m, LoRA, 256 tokens, 8 steps
     .venv/bin/python bench/train_sft.py --full --steps 6        # full fine-tuning
+    .venv/bin/python bench/train_sft.py --strategy fsdp         # FSDP2 instead of DDP
     .venv/bin/python bench/train_sft.py --model tiny-llama --steps 20
 
 Both sides train the same model on the same rows in the same global batches (steerray's step plan with
@@ -10,7 +11,8 @@ one worker gives the baseline its batches), same micro-batch size, same tokeniza
 1. baseline:  one process, all CPU threads, HF model + peft (if LoRA) + torch AdamW, ``loss.backward()``
               per micro-batch, the textbook loop;
 2. steerray:  ``jobs/train_sft.py`` as users run it: Ray Data tokenization, a TorchTrainer with
-              ``--workers`` workers (FSDP2 on CPU), token-mean loss normalised across workers.
+              ``--workers`` workers (``--strategy``: DDP, as the demo preset, or FSDP2), token-mean loss
+              normalised across workers.
 
 Throughput = real (unpadded) tokens per second of the training loop (start-up, evaluation, export and
 samples excluded on both sides); MFU = model FLOPs (6N, or 4N + 2 x trainable for LoRA) x tokens/s over the
@@ -103,7 +105,8 @@ def steerray_run(args: argparse.Namespace, data: Path, out: Path) -> dict[str, f
                  f"lora.enabled={not args.full}", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}",
                  f"train.max_steps={args.steps}", f"train.global_batch_size={args.global_batch}",
                  f"train.micro_batch_size={args.micro_batch}", "train.checkpoint_every=100000",
-                 f"scaling.num_workers={args.workers}", "scaling.max_failures=0", "val_fraction=0.0",
+                 f"scaling.num_workers={args.workers}", f"scaling.strategy={args.strategy}",
+                 "scaling.max_failures=0", "val_fraction=0.0",
                  "sample_prompts=[]", "optim.warmup_steps=0", "logging.progress_bar=false"]
     config = load_config(SFTConfig, "tiny/sft", overrides)
     init_ray()
@@ -123,6 +126,8 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--strategy", default="ddp", choices=["ddp", "fsdp"],
+                        help="steerray's side; the demo preset trains LoRA with DDP (FSDP2 re-gathers frozen weights)")
     parser.add_argument("--rows", type=int, default=200)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
@@ -134,7 +139,7 @@ def main() -> None:
           f"tokens, micro-batch {args.micro_batch}, CPU threads {os.cpu_count()}")
     print(f"baseline  (1 process, plain loop):     {base['tokens_per_s']:8.1f} tokens/s  MFU {base['mfu']:.1%}  "
           f"(peak {base['peak_gflops']:.0f} GFLOP/s)")
-    print(f"steerray  (Ray Train, {args.workers} workers, FSDP2): {ours['tokens_per_s']:8.1f} tokens/s  "
+    print(f"steerray  (Ray Train, {args.workers} workers, {args.strategy}): {ours['tokens_per_s']:8.1f} tokens/s  "
           f"MFU {ours['mfu']:.1%}  (stage wall {ours['wall_s']:.0f} s incl. start-up)")
     print(f"ratio steerray / baseline: {ours['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s")
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from typing import Any
 
 import yaml
 
 from steerray.config import ServeConfig, validate_config
-from steerray.runtime import init_ray, job_config_from_argv
+from steerray.runtime import init_ray, job_config_from_argv, serve_until_stopped
 from steerray.serving.http import token_from_env
 
 log = logging.getLogger("steerray.serve")
@@ -47,17 +46,9 @@ def start(config: ServeConfig) -> str:
     return url
 
 
-# 2. Serve until interrupted, then take the application down.
+# 2. Serve until interrupted (Ctrl-C or SIGTERM), then take the application down.
 def serve_forever(config: ServeConfig) -> None:
-    from ray import serve
-
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        print("[steerray] stopping the chat server", file=sys.stderr, flush=True)
-    finally:
-        serve.delete(config.app_name)
+    serve_until_stopped(config.app_name, "chat server")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -119,7 +119,7 @@ def predictions_to_label(predictions: Iterable[float], attributes: Sequence[str]
     preds = list(predictions)
     if len(preds) != len(attributes):
         raise LabelError(f"got {len(preds)} predictions for {len(attributes)} attributes")
-    return encode_label({name: clip_round(p) for name, p in zip(attributes, preds)})
+    return encode_label({name: clip_round(p) for name, p in zip(attributes, preds, strict=True)})
 
 
 def steering_label(steering: Mapping[str, int] | None = None,

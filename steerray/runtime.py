@@ -12,6 +12,7 @@ import base64
 import importlib.util
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -75,6 +76,25 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int | None = None) ->
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def serve_until_stopped(app_name: str, what: str) -> None:
+    """Block while a Serve application runs; on Ctrl-C or SIGTERM (``kill``, Kubernetes, a shell's
+    background job, where SIGINT is ignored) take the application down and return normally."""
+    from ray import serve
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        print(f"[steerray] stopping the {what}", file=sys.stderr, flush=True)
+    finally:
+        serve.delete(app_name)
 
 
 def cluster_gpus() -> int:

@@ -190,7 +190,7 @@ def oasst_label(labels: Any) -> str | None:
     if not labels:
         return None
     if isinstance(labels.get("name"), list):
-        values = dict(zip(labels["name"], labels.get("value") or []))
+        values = dict(zip(labels["name"], labels.get("value") or [], strict=False))  # lenient: a short list drops names
     else:
         values = {name: entry.get("value") if isinstance(entry, dict) else entry for name, entry in labels.items()}
     scaled = {}
