@@ -195,10 +195,10 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
         writer.write({"step": 0, "split": "val", "loss": val_first})
     wandb = metrics.WandbLogger(cfg.logging.wandb_project, config_to_dict(cfg), name=out.name, out_dir=out, enabled=rank0)
     peak = metrics.measure_matmul_peak(strategy.device, strategy.compute_dtype, seconds=0.5)
-    throughput = metrics.Throughput(prepared.num_parameters(), peak, strategy.world_size)
-    # LoRA computes no gradients for frozen weights: 4N + 2T FLOPs per token, not 6N.
-    throughput.flops_per_token = metrics.train_flops_per_token_partial(
-        prepared.num_parameters(), prepared.num_parameters(trainable_only=True))
+    # The same FLOPs count as train-reward: LoRA computes no gradients for frozen weights, and the backward
+    # pass stops below the lowest trainable layer.
+    throughput = metrics.Throughput(prepared.flops_parameters(), peak, strategy.world_size,
+                                    flops_per_token=prepared.train_flops_per_token())
     bar = metrics.progress_bar(total_steps, initial=start, enabled=rank0 and cfg.logging.progress_bar, desc="sft")
     run_tokens, run_start = 0.0, time.perf_counter()
     row: dict[str, Any] = {}

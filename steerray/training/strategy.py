@@ -335,7 +335,6 @@ def apply_lora(model: Any, lora: LoraConfig, trainable_modules: Sequence[str] = 
     classic pitfall is a LoRA reward model whose freshly initialised head is lost at save time).
     """
     from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
 
     layer_kwargs: dict[str, Any] = {}
     if lora.last_layers is not None:
@@ -348,10 +347,17 @@ def apply_lora(model: Any, lora: LoraConfig, trainable_modules: Sequence[str] = 
         target_modules=lora_target_modules(model, lora, trainable_modules),
         modules_to_save=list(trainable_modules) or None, bias="none", **layer_kwargs,
     )
+    return _wrap_peft(model, peft_config), peft_config
+
+
+def _wrap_peft(model: Any, peft_config: Any) -> Any:
+    """``get_peft_model`` for training and for export alike."""
+    from peft import get_peft_model
+
     with warnings.catch_warnings():
         # peft (0.21) reads transformers' deprecated `is_gradient_checkpointing`: noise in every LoRA run's log.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, peft_config), peft_config
+        return get_peft_model(model, peft_config)
 
 
 def prepare_model(model: Any, strategy: Strategy, lora: LoraConfig | None = None, *,
@@ -621,9 +627,7 @@ def build_plain_copy(prepared: PreparedModel, state_dict: dict[str, Any]) -> Any
     with torch.device("meta"):
         fresh = cls(base.config)
     if prepared.is_peft:
-        from peft import get_peft_model
-
-        fresh = get_peft_model(fresh, prepared.peft_config)
+        fresh = _wrap_peft(fresh, prepared.peft_config)
     missing, unexpected = fresh.load_state_dict(state_dict, strict=False, assign=True)
     # Tied weights (embeddings/lm_head) appear once in the state dict; retie instead of failing.
     hf = fresh.get_base_model() if prepared.is_peft else fresh
