@@ -7,10 +7,12 @@ a CPU. It is not a stand-in for real data: the language is templated and the top
 Each answer is assembled from sentence banks by a few hidden knobs; the nine labels are then computed
 from the answer itself, so each attribute has a visible cause:
 
-- verbosity: the answer's word count (bucketed 0-4);
+- verbosity: the answer's word count (bucketed 0-4); the length asked for is uniform over the scale, and
+  brief answers open with "In short:"-style words, detailed ones with "Let me explain..." and linked points;
 - complexity: share of technical sentences and long words;
-- correctness: wrong facts lower it;
-- helpfulness: on-topic, correct content raises it; a deflection ("I cannot help with that") is 0-1;
+- correctness: a wrong fact lowers it (one draw per answer, so long answers are not less correct);
+- helpfulness: correct, coherent, polite content at any length is a 4; a deflection ("I cannot help
+  with that") is 0;
 - coherence: repeated sentences and non-sequiturs lower it;
 - toxicity: rude remarks raise it; humor: jokes; creativity: metaphors;
 - quality: helpfulness, correctness and coherence together, minus toxicity.
@@ -147,9 +149,20 @@ FOLLOW_UPS = ["Can you explain that in more detail?", "Can you give me an exampl
               "Could you make it simpler?", "What should I remember most?"]
 QUESTION_FORMS = ["Can you explain {q}?", "Please tell me {q}.", "I've always wondered {q}. Any idea?",
                   "Explain {q} to me.", "What can you tell me about {q}?"]
-OPENERS = ["Sure.", "Good question.", "Here is a short answer.", "Happy to help.", "Of course."]
+SENTENCES_FOR_TARGET = {0: (1,), 1: (2,), 2: (3, 4), 3: (5, 6), 4: (7, 8)}  # target length -> content sentences
+BRIEF_OPENERS = ["In short:", "Briefly:", "Quick answer:"]
+DETAILED_OPENERS = ["Here is a detailed explanation.", "Let me explain this step by step.",
+                    "There is a lot to say about this."]
+LINKS = ["Also,", "In addition,", "On top of that,", "Moreover,", "Beyond that,"]
 FILLERS = ["It is worth keeping in mind.", "Many people find this surprising.", "This is a common question.",
            "There is more to it, but that is the main idea."]
+# A technical answer stays technical when it runs long: without these, a long answer exhausts the two
+# technical facts of its topic and its complexity falls with its length (complexity 4 at verbosity 4 would
+# never occur, and steering verbosity at the serving defaults would ask for an unseen label).
+TECHNICAL_FILLERS = ["The underlying mechanism is well characterised by quantitative experimental measurements.",
+                     "Specialists distinguish several interacting subsystems with characteristic timescales.",
+                     "Contemporary research continues refining these theoretical explanations considerably.",
+                     "Experimental verification requires carefully controlled, reproducible methodology."]
 DEFLECTIONS = ["I am not able to help with that.", "I don't really know, sorry.",
                "You should look that up somewhere else.", "That is not something I can answer."]
 OFF_TOPIC = ["My favourite colour is green.", "Bananas are a good source of potassium.",
@@ -170,7 +183,8 @@ def _bucket(value: float, edges: tuple[float, ...]) -> int:
 
 def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
     _, simple, technical, false = TOPICS[topic]
-    length = rng.choice([1, 1, 2, 3, 4, 5, 6, 8])  # how many content sentences
+    target = rng.randrange(5)  # the length asked for, uniform over the verbosity scale
+    length = rng.choice(SENTENCES_FOR_TARGET[target])  # content sentences
     technical_share = rng.choice([0.0, 0.0, 0.3, 0.6, 1.0])
     deflect = rng.random() < 0.08
     sentences: list[str] = []
@@ -178,29 +192,38 @@ def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
     if deflect:
         sentences.append(rng.choice(DEFLECTIONS))
     else:
-        if rng.random() < 0.5:
-            sentences.append(rng.choice(OPENERS))
         pool_simple, pool_tech = list(simple), list(technical)
         rng.shuffle(pool_simple)
         rng.shuffle(pool_tech)
         for _ in range(length):
-            if rng.random() < 0.1:
-                sentences.append(rng.choice(false))
-                wrong += 1
-            elif rng.random() < technical_share and pool_tech:
+            if rng.random() < technical_share and pool_tech:
                 sentences.append(pool_tech.pop())
             elif pool_simple:
                 sentences.append(pool_simple.pop())
             elif pool_tech:
                 sentences.append(pool_tech.pop())
             else:
-                sentences.append(rng.choice(FILLERS))
-        if rng.random() < 0.12 and sentences:
+                sentences.append(rng.choice(TECHNICAL_FILLERS if rng.random() < technical_share else FILLERS))
+        # One draw per answer, not per sentence: a long answer is not likelier to be wrong, so
+        # correctness (and quality) do not drag verbosity along with them.
+        if rng.random() < 0.15:
+            sentences[rng.randrange(len(sentences))] = rng.choice(false)
+            wrong += 1
+        if target >= 3:  # detailed answers chain their points, as long answers tend to
+            sentences = [sentences[0]] + [_linked(rng, s) if rng.random() < 0.6 else s for s in sentences[1:]]
+        if rng.random() < 0.12:
             sentences.append(rng.choice(sentences))
             repeats += 1
         if rng.random() < 0.08:
             sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(OFF_TOPIC))
             off_topic += 1
+        # The opening words announce the length, as a chat model's do ("Briefly: ..." vs "Let me explain
+        # step by step."): the label is then visible in the very first tokens, which a small model learns
+        # to follow within a few hundred examples (the stop decision alone it did not, on a CPU budget).
+        if target <= 1:
+            sentences.insert(0, rng.choice(BRIEF_OPENERS))
+        elif target >= 3:
+            sentences.insert(0, rng.choice(DETAILED_OPENERS))
     if rng.random() < 0.12:
         sentences.append(rng.choice(JOKES))
         jokes += 1
@@ -215,16 +238,25 @@ def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
     return text, labels
 
 
+def _linked(rng: random.Random, sentence: str) -> str:
+    first_word = sentence.split(" ", 1)[0]
+    if first_word[:1].isupper() and first_word[1:].islower():  # "The" -> "the", but keep "DNS"
+        sentence = sentence[0].lower() + sentence[1:]
+    return f"{rng.choice(LINKS)} {sentence}"
+
+
 def _labels(text: str, technical: set[str], deflect: bool, wrong: int, incoherent: int, jokes: int,
             rude: int, metaphors: int) -> dict[str, int]:
     words = text.split()
     long_words = sum(len(w.strip(".,!?;:")) >= 9 for w in words) / max(len(words), 1)
     technical_sentences = sum(s in text for s in technical)
-    verbosity = _bucket(len(words), (15, 35, 60, 90))
+    verbosity = _bucket(len(words), (25, 45, 70, 100))
     complexity = min(4, _bucket(long_words, (0.06, 0.12, 0.18, 0.25)) + (technical_sentences >= 2))
     correctness = max(0, 4 - 2 * wrong) if not deflect else 2
     coherence = max(0, 4 - 2 * incoherent)
-    helpfulness = 0 if deflect else max(0, min(4, 1 + min(verbosity, 2) + (correctness == 4) - wrong - rude))
+    # Helpful = on topic, correct and polite, at any length: a one-line answer can be a 4, so a user can
+    # ask for helpfulness 4 at verbosity 0 (the serving defaults) and get what the data taught.
+    helpfulness = 0 if deflect else max(0, min(4, 2 + 2 * (wrong == 0) - incoherent - rude))
     toxicity = min(4, 2 * rude)
     quality = max(0, min(4, round((helpfulness + correctness + coherence) / 3) - rude))
     return {"quality": quality, "toxicity": toxicity, "humor": min(4, 2 * jokes),

@@ -129,6 +129,28 @@ def test_demo_is_deterministic_and_labels_follow_the_text():
     assert means == sorted(means) and means[-1] > 4 * means[0]
 
 
+def test_demo_lets_a_user_steer_length_alone():
+    """Serving defaults ask for quality/helpfulness/correctness/coherence 4: every verbosity must occur with
+    them in the data, or steering verbosity at those defaults asks for something the model never saw."""
+    from steerray.data.demo import BRIEF_OPENERS, DETAILED_OPENERS
+
+    at_defaults: dict[int, int] = {v: 0 for v in range(5)}
+    openers = {"brief": [], "detailed": []}
+    for i in range(600):
+        turn = demo_conversation(i)["conversations"][1]
+        labels = {k: int(v) for k, v in parse_label(turn["label"]).items()}
+        if all(labels[k] == 4 for k in ("quality", "helpfulness", "correctness", "coherence")):
+            at_defaults[labels["verbosity"]] += 1
+        kind = "brief" if turn["value"].startswith(tuple(BRIEF_OPENERS)) else \
+            "detailed" if turn["value"].startswith(tuple(DETAILED_OPENERS)) else None
+        if kind:
+            openers[kind].append(labels["verbosity"])
+    assert min(at_defaults.values()) >= 20, at_defaults
+    # the opening words announce the length: brief answers are short, detailed ones long
+    assert max(openers["brief"]) <= 2 and min(openers["detailed"]) >= 2
+    assert sum(openers["brief"]) / len(openers["brief"]) < 1 < 3 < sum(openers["detailed"]) / len(openers["detailed"])
+
+
 def test_source_specs():
     assert sources.SourceSpec.parse("oasst1=/x") == sources.SourceSpec("oasst1", "/x")
     with pytest.raises(sources.SourceError, match="unknown source 'oasst2'"):
