@@ -32,7 +32,7 @@ import yaml
 
 from steerray import runtime
 from steerray.artifacts import atomic_write_json, read_jsonl, read_manifest, write_jsonl, write_manifest
-from steerray.attributes import steering_label
+from steerray.attributes import model_label_attributes, steering_label
 from steerray.bootstrapping import (
     round_stats,
     sample_rows,
@@ -98,7 +98,7 @@ def sample_and_score(cfg: BootstrapConfig, policy: str, prompts: list[dict[str, 
     """K scored samples per prompt, cached in ``path`` (written whole, so a killed run just redoes it)."""
     if path.is_file():
         return read_jsonl(path)
-    rows = sample_rows(prompts, cfg.samples_per_prompt, steering_label(cfg.steering))
+    rows = sample_rows(prompts, cfg.samples_per_prompt, steering_label(cfg.steering, attributes=model_label_attributes(policy)))
     scored = map_rows(rows, SampleScorer, {"policy": policy, "reward_model": cfg.reward_model,
                                            "sampling": cfg.sampling.model_dump()},
                       batch_size=cfg.sampling.batch_size, desc=desc)

@@ -31,7 +31,7 @@ import yaml
 
 from steerray import runtime
 from steerray.artifacts import MANIFEST, read_manifest, write_jsonl, write_manifest
-from steerray.attributes import ATTRIBUTES
+from steerray.attributes import ATTRIBUTES, model_label_attributes
 from steerray.config import EvaluateConfig, validate_config
 from steerray.errors import SteerrayError
 from steerray.eval.metrics import label_means, pairwise_metrics, regression_metrics
@@ -131,7 +131,7 @@ def grid_prompts(cfg: EvaluateConfig) -> list[str]:
 def steerability(cfg: EvaluateConfig, attributes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     steer = cfg.steerability
     prompts = grid_prompts(cfg)
-    grid = build_grid(prompts, steer.attributes, steer.values)
+    grid = build_grid(prompts, steer.attributes, steer.values, label_attributes=model_label_attributes(cfg.policy))
     for row in grid:
         row["messages"] = json.dumps(row["messages"], ensure_ascii=False)
     rows = map_rows(grid, SampleScorer, {"policy": cfg.policy, "reward_model": cfg.reward_model,

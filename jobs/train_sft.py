@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from steerray.artifacts import atomic_write_text, read_manifest, write_jsonl, write_manifest
+from steerray.attributes import LABEL_ATTRIBUTES_KEY
 from steerray.config import SFTConfig, config_hash, config_to_dict, validate_config
 from steerray.data import readers
 from steerray.data.sft import (
@@ -70,7 +71,8 @@ def tokenized_dataset(config: SFTConfig) -> Any:
     raw = ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(read)
     return raw.map_batches(tokenize_rows, fn_kwargs={
         "tokenizer_source": config.model.name, "max_length": config.model.max_length,
-        "trust_remote_code": config.model.trust_remote_code}, batch_size=256, num_cpus=0.5).materialize()
+        "trust_remote_code": config.model.trust_remote_code, "label_attributes": config.label_attributes},
+        batch_size=256, num_cpus=0.5).materialize()
 
 
 def count_and_reject(dataset: Any, out: Path, data: str) -> dict[str, Any]:
@@ -246,6 +248,8 @@ def train_loop(loop_config: dict[str, Any]) -> dict[str, Any]:
     if rank0:
         writer.write({"step": total_steps, "split": "val", "loss": val_loss})
     prepared.base_hf_model().config.use_cache = True  # the exported model generates with a KV cache
+    if cfg.label_attributes is not None:  # serve/evaluate/bootstrap render the label the model learnt
+        setattr(prepared.base_hf_model().config, LABEL_ATTRIBUTES_KEY, list(cfg.label_attributes))
     export_model(prepared, out / "model", tokenizer)
     wandb.log({"val_loss": val_loss}, total_steps)
     wandb.finish()
@@ -281,7 +285,7 @@ def write_samples(out: Path, cfg: SFTConfig, tokenizer: Any, device: Any, dtype:
     model.to(device).eval()
     rows = []
     for steering in cfg.sample_steering:
-        label = steering_label(steering)
+        label = steering_label(steering, attributes=cfg.label_attributes)
         prompts = [generation_prompt([{"role": "user", "content": p}], label) for p in cfg.sample_prompts]
         answers = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens)
         for prompt, answer in zip(cfg.sample_prompts, answers, strict=True):
@@ -326,6 +330,7 @@ def run(config: SFTConfig) -> dict[str, Any]:
     check_fingerprint(out / "checkpoints", {
         "model": config.model.name, "max_length": config.model.max_length, "lora": config.lora.model_dump(exclude={"merge_on_export"}),
         "global_batch_size": config.train.global_batch_size, "seed": config.train.seed,
+        "label_attributes": config.label_attributes,
         "data": [(f, os.path.getsize(f)) for f in files.train + files.val]})
     columns = ["file", "line", "input_ids", "labels"]
     datasets = {"train": dataset.filter(expr="status == 'ok' and split == 'train'").select_columns(columns).materialize()}

@@ -123,14 +123,57 @@ def predictions_to_label(predictions: Iterable[float], attributes: Sequence[str]
 
 
 def steering_label(steering: Mapping[str, int] | None = None,
-                   defaults: Mapping[str, int] = DEFAULT_STEERING) -> str:
-    """The label string a user steers with: ``steering`` over the documented defaults, validated."""
+                   defaults: Mapping[str, int] = DEFAULT_STEERING,
+                   attributes: Sequence[str] | None = None) -> str:
+    """The label string a user steers with: ``steering`` over the documented defaults, validated.
+
+    ``attributes``: the label attributes the model was trained with (see :func:`model_label_attributes`);
+    the label then carries only those, as in training, and steering any other attribute is an error.
+    """
     merged = dict(defaults)
     for name, value in (steering or {}).items():
         check_attribute(name)
+        if attributes is not None and name not in attributes:
+            raise LabelError(f"cannot steer {name!r}: this model was trained on labels of "
+                             f"{', '.join(attributes)} only")
         if isinstance(value, bool) or not isinstance(value, int) and not (
                 isinstance(value, float) and value.is_integer()):
             raise LabelError(f"steering value for {name!r} must be an integer 0-4, got {value!r}")
         merged[name] = int(value)
     check_range(merged)
+    if attributes is not None:
+        merged = {name: value for name, value in merged.items() if name in attributes}
     return encode_label(merged)
+
+
+# An SFT model trained on labels over some attributes only records them in its config.json under this
+# key; serving, sampling and evaluation read it so that prompts carry the label the model learnt.
+LABEL_ATTRIBUTES_KEY = "steerlm_label_attributes"
+
+
+def check_label_attributes(names: Sequence[str]) -> tuple[str, ...]:
+    """Known, distinct attribute names in canonical order (the order labels are written in)."""
+    for name in names:
+        check_attribute(name)
+    if not names or len(set(names)) != len(names):
+        raise LabelError(f"label attributes must be distinct and not empty, got {list(names)}")
+    return tuple(name for name in ATTRIBUTES if name in names)
+
+
+def restrict_label(label: str, attributes: Sequence[str] | None) -> str:
+    """``label`` with only ``attributes`` kept (all of it when ``attributes`` is None)."""
+    if attributes is None:
+        return label
+    return encode_label({name: value for name, value in parse_label(label).items() if name in attributes})
+
+
+def model_label_attributes(model: str) -> tuple[str, ...] | None:
+    """The label attributes a model folder was fine-tuned on; None for full labels or a non-folder name."""
+    import json
+    from pathlib import Path
+
+    config = Path(model).expanduser() / "config.json"
+    if not config.is_file():
+        return None
+    value = json.loads(config.read_text(encoding="utf-8")).get(LABEL_ATTRIBUTES_KEY)
+    return check_label_attributes(value) if value else None

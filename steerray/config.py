@@ -162,6 +162,17 @@ class SFTConfig(TrainStageConfig):
     sample_steering: list[dict[str, int]] = Field(default_factory=lambda: [
         {"verbosity": 0}, {"verbosity": 4}])
     sample_max_new_tokens: int = Field(64, ge=1)
+    # Train on labels over these attributes only (None: every attribute a label carries). Fewer attributes
+    # make a shorter label line with fewer digits to tell apart: on the CPU demo budget this is what lets a
+    # 135M model start to follow verbosity. The exported model records them for serving and evaluation.
+    label_attributes: list[str] | None = None
+
+    @field_validator("label_attributes")
+    @classmethod
+    def _label_attributes(cls, value: list[str] | None) -> list[str] | None:
+        from steerray.attributes import check_label_attributes
+
+        return None if value is None else list(check_label_attributes(value))
 
 
 class AnnotateConfig(StrictModel):

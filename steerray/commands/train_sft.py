@@ -93,8 +93,16 @@ def render_sft_command(
                                         "snap to token boundaries, as training sees them."),
     max_length: int | None = typer.Option(None, "--max-length", min=2, help="With --model: right-truncate "
                                              "to this many tokens, as training does."),
+    label_attributes: str | None = typer.Option(None, "--label-attributes", help="Comma-separated: keep only "
+                                                "these attributes in label lines, as train-sft's label_attributes."),
 ) -> None:
     """Show exactly what SFT trains on: each conversation rendered, the parts that carry loss marked."""
+    from steerray.attributes import LabelError, check_label_attributes
+
+    try:
+        keep = check_label_attributes(label_attributes.split(",")) if label_attributes else None
+    except LabelError as err:
+        fail(f"--label-attributes: {err}")
     tokenizer = None
     if model is not None:
         from steerray.models.loading import load_tokenizer
@@ -111,7 +119,7 @@ def render_sft_command(
         if limit is not None and shown >= limit:
             break
         try:
-            rendered = render_trained(json.loads(line))
+            rendered = render_trained(json.loads(line), keep)
         except json.JSONDecodeError as err:
             rejected += 1
             echo(f"{file}:{number}: rejected: malformed JSON: {err.msg} at column {err.colno}")

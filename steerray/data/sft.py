@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from steerray.attributes import restrict_label
 from steerray.errors import SteerrayError
 from steerray.templates import Conversation, ConversationError, render_sft, validate_conversation
 
@@ -50,9 +51,17 @@ class SFTDataError(SteerrayError, ValueError):
 # Characters: what carries loss
 # --------------------------------------------------------------------------------------------------
 
-def render_trained(conversation: Conversation) -> dict[str, Any]:
-    """``{"text", "trained": [[start, end], ...]}`` for a valid conversation; ConversationError otherwise."""
+def render_trained(conversation: Conversation, label_attributes: Sequence[str] | None = None) -> dict[str, Any]:
+    """``{"text", "trained": [[start, end], ...]}`` for a valid conversation; ConversationError otherwise.
+
+    ``label_attributes``: keep only these attributes in every label line (a model steered by fewer
+    attributes reads a shorter label; serving renders the same subset from the model's config).
+    """
     validate_conversation(conversation)
+    if label_attributes is not None:
+        conversation = {**conversation, "conversations": [
+            {**turn, "label": restrict_label(turn["label"], label_attributes)} if isinstance(turn.get("label"), str)
+            else turn for turn in conversation["conversations"]]}
     rendered = render_sft(conversation)
     return {"text": rendered.text, "trained": [[start, end] for start, end in rendered.trained]}
 
@@ -109,14 +118,15 @@ def tokenize_sft(rendered: Mapping[str, Any], tokenizer: Any, max_length: int) -
     return SFTExample(ids[:-1], labels, trained, full_length > max_length, full_length)
 
 
-def example_from_json(raw: str, tokenizer: Any, max_length: int) -> tuple[str, str, SFTExample | None]:
+def example_from_json(raw: str, tokenizer: Any, max_length: int,
+                      label_attributes: Sequence[str] | None = None) -> tuple[str, str, SFTExample | None]:
     """``(status, reason, example)`` for one jsonl line: ok, rejected (with why) or untrained."""
     try:
         record = json.loads(raw)
     except json.JSONDecodeError as err:
         return STATUS_REJECTED, f"malformed JSON: {err.msg} at column {err.colno}", None
     try:
-        rendered = render_trained(record)
+        rendered = render_trained(record, label_attributes)
     except ConversationError as err:
         return STATUS_REJECTED, str(err), None
     example = tokenize_sft(rendered, tokenizer, max_length)
@@ -139,17 +149,19 @@ def cached_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
 
 
 def tokenize_rows(batch: Mapping[str, np.ndarray], *, tokenizer_source: str, max_length: int,
-                  trust_remote_code: bool = False) -> dict[str, np.ndarray]:
+                  trust_remote_code: bool = False, label_attributes: Sequence[str] | None = None,
+                  ) -> dict[str, np.ndarray]:
     """Ray Data ``map_batches`` function: raw rows ``{file, line, raw, error}`` in, tokenized rows out.
 
     Output columns: ``file, line, status, reason, input_ids, labels, length, trained_tokens, truncated``
     (``input_ids``/``labels`` are empty for rejected rows), plus ``split`` when the input has it. A plain
     function (tasks, not an actor pool) so warm worker processes and their cached tokenizer are reused.
     """
-    return tokenize_batch(batch, cached_tokenizer(tokenizer_source, trust_remote_code), max_length)
+    return tokenize_batch(batch, cached_tokenizer(tokenizer_source, trust_remote_code), max_length, label_attributes)
 
 
-def tokenize_batch(batch: Mapping[str, Any], tokenizer: Any, max_length: int) -> dict[str, np.ndarray]:
+def tokenize_batch(batch: Mapping[str, Any], tokenizer: Any, max_length: int,
+                   label_attributes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Pure batch function behind :func:`tokenize_rows` (testable without Ray)."""
     out: dict[str, list[Any]] = {key: [] for key in (
         "file", "line", "status", "reason", "input_ids", "labels", "length", "trained_tokens", "truncated")}
@@ -158,7 +170,7 @@ def tokenize_batch(batch: Mapping[str, Any], tokenizer: Any, max_length: int) ->
         if error:
             status, reason, example = STATUS_REJECTED, error, None
         else:
-            status, reason, example = example_from_json(str(batch["raw"][i]), tokenizer, max_length)
+            status, reason, example = example_from_json(str(batch["raw"][i]), tokenizer, max_length, label_attributes)
         out["file"].append(str(batch["file"][i]) if "file" in batch else "")
         out["line"].append(int(batch["line"][i]) if "line" in batch else i + 1)
         out["status"].append(status)

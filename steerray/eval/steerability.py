@@ -43,8 +43,11 @@ def held_out_prompts(conversations: Iterable[Mapping[str, Any]], limit: int) -> 
 
 
 def build_grid(prompts: Sequence[str], attributes: Sequence[str], values: Sequence[int],
-               defaults: Mapping[str, int] = DEFAULT_STEERING) -> list[dict[str, Any]]:
+               defaults: Mapping[str, int] = DEFAULT_STEERING,
+               label_attributes: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """One row per (prompt, attribute, value), in that order, with the label string to generate with.
+
+    ``label_attributes``: the policy's label attributes (its config says), so labels match its training.
 
     Rows carry ``messages`` (OpenAI-style, for ``templates.generation_prompt``) so the generation and
     scoring code is the same one bootstrapping uses.
@@ -56,7 +59,7 @@ def build_grid(prompts: Sequence[str], attributes: Sequence[str], values: Sequen
             for value in values:
                 rows.append({
                     "id": len(rows), "prompt_id": prompt_id, "attribute": attribute, "value": int(value),
-                    "label": steering_label({attribute: int(value)}, defaults),
+                    "label": steering_label({attribute: int(value)}, defaults, label_attributes),
                     "messages": [{"role": "user", "content": prompt}],
                 })
     return rows

@@ -31,7 +31,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
-from steerray.attributes import ATTRIBUTES, DEFAULT_STEERING, MAX_VALUE, MIN_VALUE
+from steerray.attributes import ATTRIBUTES, DEFAULT_STEERING, MAX_VALUE, MIN_VALUE, model_label_attributes
 from steerray.config import ServeConfig
 from steerray.serving import openai_schema as oa
 from steerray.serving.engines import Engine, EngineError, SamplingParams, make_engine
@@ -77,6 +77,7 @@ class ChatDeployment:
             precision=precision, threads=threads, gpu_memory_utilization=gpu_memory_utilization,
             trust_remote_code=trust_remote_code)
         self.served_name = served_name
+        self.label_attributes = model_label_attributes(model)  # a model trained on a label subset
         self.default_max_tokens = default_max_tokens
         self.created = int(time.time())
         self.counters = {"requests": 0, "rejected": 0, "failed": 0}
@@ -125,7 +126,8 @@ class ChatDeployment:
 
     @app.get("/steering")
     async def steering(self) -> dict[str, Any]:
-        return {"attributes": list(ATTRIBUTES), "defaults": dict(DEFAULT_STEERING), "min": MIN_VALUE,
+        attributes = list(self.label_attributes or ATTRIBUTES)
+        return {"attributes": attributes, "defaults": {name: DEFAULT_STEERING[name] for name in attributes}, "min": MIN_VALUE,
                 "max": MAX_VALUE, "model": self.served_name}
 
     @app.get("/v1/models", dependencies=[Depends(require_token)])
@@ -138,7 +140,7 @@ class ChatDeployment:
         try:
             body = oa.parse_request(oa.ChatCompletionRequest, await request.body())
             self._check_model(body.model)
-            label, steering = oa.resolve_steering(body.steering)
+            label, steering = oa.resolve_steering(body.steering, self.label_attributes)
             prompt = oa.render_messages(body.messages, label)
             ids, params = self._plan(prompt, body, body.n)
         except oa.RequestError as err:
@@ -201,7 +203,7 @@ class ChatDeployment:
         self.counters["requests"] += 1
         try:
             body = oa.parse_request(oa.GenerateRequest, await request.body())
-            label, steering = oa.resolve_steering(body.steering)
+            label, steering = oa.resolve_steering(body.steering, self.label_attributes)
             prompt = oa.render_generate(body, label)
             ids, params = self._plan(prompt, body)
         except oa.RequestError as err:

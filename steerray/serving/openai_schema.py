@@ -143,12 +143,16 @@ def parse_request(model: type[BaseModel], raw: bytes | str | Mapping[str, Any]) 
 # Prompt rendering
 # --------------------------------------------------------------------------------------------------
 
-def resolve_steering(steering: Mapping[str, Any] | None) -> tuple[str, dict[str, int]]:
-    """``(label string, all 9 values)`` for a request's ``steering``; LabelError -> 400 on ``steering``."""
+def resolve_steering(steering: Mapping[str, Any] | None,
+                     attributes: Sequence[str] | None = None) -> tuple[str, dict[str, int]]:
+    """``(label string, its values)`` for a request's ``steering``; LabelError -> 400 on ``steering``.
+
+    ``attributes``: the model's label attributes (None: all nine), so the label matches its training.
+    """
     if steering is not None and not isinstance(steering, Mapping):
         raise RequestError(400, "'steering' must be an object of attribute: value", param="steering")
     try:
-        label = steering_label(steering or {}, DEFAULT_STEERING)
+        label = steering_label(steering or {}, DEFAULT_STEERING, attributes)
     except LabelError as err:
         raise RequestError(400, f"steering: {err}", param="steering", code="invalid_steering") from None
     return label, {name: int(value) for name, value in parse_label(label).items()}

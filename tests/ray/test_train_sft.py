@@ -78,7 +78,8 @@ def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
 
     data = write_conversations(tmp_path / "conv.jsonl", 60, seed=0, bad_rows=True)
     out = tmp_path / "sft"
-    config = tiny_config(data, out, "train.fail_after_step=4", "scaling.max_failures=0")
+    config = tiny_config(data, out, "train.fail_after_step=4", "scaling.max_failures=0",
+                         "label_attributes=[verbosity,complexity]")
     with pytest.raises(job_module().SFTTrainingFailed, match="injected failure") as failure:
         run_job(config)
     assert "Re-running the same command resumes" in str(failure.value)
@@ -105,7 +106,10 @@ def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
 
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["steering"] for s in samples] == [{"verbosity": 0}, {"verbosity": 4}]
-    assert "verbosity:0" in samples[0]["label"] and "verbosity:4" in samples[1]["label"]
+    # trained on labels over two attributes: samples use the same two, and the export records them
+    assert [s["label"] for s in samples] == ["complexity:4,verbosity:0", "complexity:4,verbosity:4"]
+    assert json.loads((out / "model" / "config.json").read_text())["steerlm_label_attributes"] == [
+        "complexity", "verbosity"]
     assert "## Explain why the sky is blue." in (out / "samples.md").read_text()
 
     model = AutoModelForCausalLM.from_pretrained(out / "model").eval()

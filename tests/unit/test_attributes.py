@@ -1,5 +1,7 @@
 """The SteerLM label contract: order, encode/parse round trips, errors, rounding."""
 
+import json
+
 import pytest
 
 from steerray.attributes import (
@@ -76,3 +78,23 @@ def test_steering_label_defaults_and_validation():
         steering_label({"verbosity": 1.5})
     with pytest.raises(LabelError):
         steering_label({"wit": 2})
+
+
+def test_label_attribute_subsets_for_training_and_steering(tmp_path):
+    from steerray.attributes import check_label_attributes, model_label_attributes, restrict_label
+
+    assert check_label_attributes(["verbosity", "humor"]) == ("humor", "verbosity")  # canonical order
+    for bad in (["verbosity", "verbosity"], [], ["wit"]):
+        with pytest.raises(LabelError):
+            check_label_attributes(bad)
+    assert restrict_label("quality:3,humor:1,verbosity:2", ("humor", "verbosity")) == "humor:1,verbosity:2"
+    assert restrict_label("quality:3", None) == "quality:3"
+    # steering a subset model: only its attributes, defaults filled, anything else refused by name
+    assert steering_label({"verbosity": 0}, attributes=("complexity", "verbosity")) == "complexity:4,verbosity:0"
+    with pytest.raises(LabelError, match="cannot steer 'humor'.*complexity, verbosity only"):
+        steering_label({"humor": 2}, attributes=("complexity", "verbosity"))
+    # a model folder records its subset in config.json; no key, no folder, or a hub id: full labels
+    (tmp_path / "config.json").write_text(json.dumps({"steerlm_label_attributes": ["verbosity", "humor"]}))
+    assert model_label_attributes(str(tmp_path)) == ("humor", "verbosity")
+    assert model_label_attributes(str(tmp_path / "missing")) is None
+    assert model_label_attributes("HuggingFaceTB/SmolLM2-135M-Instruct") is None

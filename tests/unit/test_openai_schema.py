@@ -84,6 +84,12 @@ def test_steering_defaults_are_the_reference_and_overrides_land_in_the_label():
     label, values = oa.resolve_steering({"verbosity": 0, "humor": 3.0})
     assert label == REFERENCE_LABEL.replace("humor:0", "humor:3").replace("verbosity:4", "verbosity:0")
     assert values["verbosity"] == 0 and values["humor"] == 3
+    # a model fine-tuned on labels over a subset gets that subset; other attributes are a 400 on steering
+    label, values = oa.resolve_steering({"verbosity": 0}, ("humor", "verbosity"))
+    assert label == "humor:0,verbosity:0" and values == {"humor": 0, "verbosity": 0}
+    with pytest.raises(oa.RequestError) as err:
+        oa.resolve_steering({"complexity": 1}, ("humor", "verbosity"))
+    assert err.value.status == 400 and err.value.param == "steering" and "cannot steer 'complexity'" in err.value.message
 
 
 def test_prompt_is_the_steerlm_template_with_the_label_on_every_assistant_turn():

@@ -82,3 +82,16 @@ def test_only_bad_rows_fail(tmp_path):
 def test_missing_input():
     result = run("--input", "/nonexistent/conv.jsonl")
     assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_label_attributes_shorten_the_label_line(tmp_path):
+    conversation = make_conversation([("User", "Hi", None), ("Assistant", "Hello!", "humor:1,complexity:2,verbosity:0")])
+    rendered = render_trained(conversation, ("verbosity",))
+    assert "<extra_id_2>verbosity:0\nHello!\n" in rendered["text"] and "humor" not in rendered["text"]
+    assert [rendered["text"][a:b] for a, b in rendered["trained"]] == ["Hello!\n", "<extra_id_1>"]
+    path = tmp_path / "c.jsonl"
+    path.write_text(json.dumps(conversation) + "\n", encoding="utf-8")
+    shown = run("--input", str(path), "--json", "--label-attributes", "verbosity")
+    assert shown.exit_code == 0 and json.loads(shown.output.splitlines()[-1]) == rendered
+    bad = run("--input", str(path), "--label-attributes", "verbosity,wit")
+    assert bad.exit_code != 0 and "--label-attributes" in bad.output and "'wit'" in bad.output
