@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from steerray.attributes import ATTRIBUTES, check_attribute
 from steerray.errors import SteerrayError
@@ -173,6 +173,18 @@ class SFTConfig(TrainStageConfig):
         from steerray.attributes import check_label_attributes
 
         return None if value is None else list(check_label_attributes(value))
+
+    @model_validator(mode="after")
+    def _samples_steer_the_trained_label(self) -> SFTConfig:
+        # Checked here, not when the samples are drawn: that is after training, and a typo would cost the run.
+        from steerray.attributes import LabelError, steering_label
+
+        for index, steering in enumerate(self.sample_steering):
+            try:
+                steering_label(steering, attributes=self.label_attributes)
+            except LabelError as err:
+                raise ValueError(f"sample_steering[{index}]: {err}") from None
+        return self
 
 
 class AnnotateConfig(StrictModel):

@@ -40,3 +40,16 @@ def test_every_preset_yaml_parses():
     assert files
     for path in files:
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def test_sft_label_attributes_and_sample_steering_are_checked_before_training():
+    from steerray.config import SFTConfig
+
+    with pytest.raises(ConfigError, match=r"label_attributes.*unknown attribute 'wit'"):
+        load_config(SFTConfig, "demo/sft", ["label_attributes=[verbosity,wit]"])
+    # samples are drawn after training: a steering the trained label cannot carry must fail now, by key
+    with pytest.raises(ConfigError, match=r"sample_steering\[1\]: cannot steer 'humor'.*verbosity only"):
+        load_config(SFTConfig, "demo/sft", ["sample_steering=[{verbosity: 0}, {humor: 2}]"])
+    with pytest.raises(ConfigError, match=r"sample_steering\[0\].*outside 0..4"):
+        load_config(SFTConfig, "tiny/sft", ["sample_steering=[{verbosity: 7}]"])
+    assert load_config(SFTConfig, "demo/sft").label_attributes == ["verbosity"]
