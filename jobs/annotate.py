@@ -52,12 +52,12 @@ from steerray.artifacts import (
     write_jsonl,
     write_manifest,
 )
+from steerray.auth import token_from_env
 from steerray.config import AnnotateConfig, config_hash, validate_config
 from steerray.data.readers import read_task_rows
 from steerray.errors import SteerrayError
 from steerray.models.reward import RewardModelError
 from steerray.runtime import cluster_gpus, init_ray, job_config_from_argv
-from steerray.serving.http import token_from_env
 
 STAGE = "annotate"
 PARTS, REJECTS = ".parts", "rejects.jsonl"

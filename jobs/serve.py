@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
+from steerray.auth import token_from_env
 from steerray.config import ServeConfig, validate_config
 from steerray.runtime import init_ray, job_config_from_argv, serve_until_stopped
-from steerray.serving.http import token_from_env
 
 log = logging.getLogger("steerray.serve")
 

@@ -238,7 +238,7 @@ class HttpPredictor:
                  retries: int = 5, chunk_size: int = 256) -> None:
         import httpx
 
-        from steerray.serving.http import auth_headers
+        from steerray.auth import auth_headers
 
         self.url = url.rstrip("/")
         self.client = httpx.Client(timeout=timeout_s, headers=auth_headers(token))

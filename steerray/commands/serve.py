@@ -105,7 +105,7 @@ def chat(
     import httpx
 
     from steerray.attributes import steering_label
-    from steerray.serving.http import auth_headers
+    from steerray.auth import auth_headers
 
     try:
         values = parse_steering(steering)

@@ -32,10 +32,11 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from ray import serve
 
 from steerray.attributes import ATTRIBUTES, DEFAULT_STEERING, MAX_VALUE, MIN_VALUE, model_label_attributes
+from steerray.auth import token_digest
 from steerray.config import ServeConfig
 from steerray.serving import openai_schema as oa
 from steerray.serving.engines import Engine, EngineError, SamplingParams, make_engine
-from steerray.serving.http import ApiError, bearer_guard, error_body, install_error_handlers, token_digest
+from steerray.serving.http import ApiError, bearer_guard, error_body, install_error_handlers
 
 log = logging.getLogger("steerray.serving.chat")
 

@@ -14,10 +14,8 @@ deployment only ever holds the digest (Serve stores init args in its controller'
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, also in
 # functions that cloudpickle ships to Serve replicas by value (string annotations would not resolve there).
-import hashlib
 import hmac
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,9 +24,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from steerray.auth import token_digest
+
 log = logging.getLogger("steerray.serving")
 
-DEFAULT_TOKEN_ENV = "STEERRAY_API_TOKEN"
 
 # HTTP status -> OpenAI error type.
 _ERROR_TYPES = {
@@ -107,16 +106,6 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}", code="internal_error")
 
 
-def token_digest(token: str | None) -> str | None:
-    """SHA-256 hex digest of a token (None stays None: no authentication)."""
-    return hashlib.sha256(token.encode()).hexdigest() if token else None
-
-
-def token_from_env(env_var: str | None = DEFAULT_TOKEN_ENV) -> str | None:
-    """The bearer token named by ``env_var``, or None when unset or empty."""
-    return (os.environ.get(env_var) or None) if env_var else None
-
-
 def check_bearer(authorization: str | None, expected_digest: str | None) -> None:
     """Raise 401 unless ``authorization`` is ``Bearer <token>`` whose digest matches (no-op without one)."""
     if expected_digest is None:
@@ -141,8 +130,3 @@ def bearer_guard(expected_digest: Callable[[], str | None] | str | None) -> Call
         check_bearer(request.headers.get("authorization"), digest)
 
     return guard
-
-
-def auth_headers(token: str | None) -> dict[str, str]:
-    """Client side: the header to send for ``token`` (none without one)."""
-    return {"Authorization": f"Bearer {token}"} if token else {}

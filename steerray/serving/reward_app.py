@@ -30,9 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from steerray.annotation import load_predictor, plan_scoring, threads_for, turn_label
+from steerray.auth import token_digest
 from steerray.config import ServeRewardConfig
 from steerray.errors import SteerrayError
-from steerray.serving.http import ApiError, bearer_guard, install_error_handlers, token_digest
+from steerray.serving.http import ApiError, bearer_guard, install_error_handlers
 from steerray.templates import LABEL_START, ConversationError, validate_conversation
 
 log = logging.getLogger("steerray.serving.reward")

@@ -16,8 +16,8 @@ from serve_support import LONG_ANSWER, QUESTION, SHORT_ANSWER, start_server, ste
 from typer.testing import CliRunner
 
 from steerray.attributes import steering_label
+from steerray.auth import auth_headers
 from steerray.cli import app as cli_app
-from steerray.serving.http import auth_headers
 from steerray.templates import MARKERS, generation_prompt
 
 pytestmark = pytest.mark.ray

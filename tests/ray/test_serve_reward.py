@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from steerray.annotation import load_predictor, plan_scoring, score_conversations, turn_label
+from steerray.auth import auth_headers
 from steerray.config import ServeRewardConfig
 from steerray.runtime import load_job_module
-from steerray.serving.http import auth_headers
 from steerray.templates import make_conversation
 
 pytestmark = pytest.mark.ray

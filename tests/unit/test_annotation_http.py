@@ -7,14 +7,8 @@ from fastapi import Depends, FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ConfigDict
 
-from steerray.serving.http import (
-    ApiError,
-    auth_headers,
-    bearer_guard,
-    check_bearer,
-    install_error_handlers,
-    token_digest,
-)
+from steerray.auth import auth_headers, token_digest
+from steerray.serving.http import ApiError, bearer_guard, check_bearer, install_error_handlers
 
 
 class Body(BaseModel):
