@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from steerray.attributes import LabelError, encode_label, parse_label, predictions_to_label
-from steerray.data.readers import ReadTask, decode_raw
+from steerray.data.readers import ReadTask, decode_json, decode_raw
 from steerray.errors import SteerrayError
 from steerray.templates import (
     ASSISTANT_ROLE,
@@ -381,10 +381,8 @@ def annotate_rows(batch: Mapping[str, Any], predict: Predictor, attributes: Sequ
 
 def reject_record(split: str, file: str, line: int, reason: str, raw: str) -> dict[str, Any]:
     """One line of ``rejects.jsonl``: where the row was, why it was rejected, and the row itself."""
-    try:
-        row: Any = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
-        row = raw
+    value, why = decode_json(raw) if raw else (None, "")
+    row: Any = raw if why else value  # a line that does not decode is kept as its text
     return {"split": split, "file": file, "line": line, "reason": reason, "row": row}
 
 

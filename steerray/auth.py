@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+from steerray.errors import SteerrayError
+
 DEFAULT_TOKEN_ENV = "STEERRAY_API_TOKEN"
 
 
@@ -26,3 +28,13 @@ def token_from_env(env_var: str | None = DEFAULT_TOKEN_ENV) -> str | None:
 def auth_headers(token: str | None) -> dict[str, str]:
     """Client side: the header to send for ``token`` (none without one)."""
     return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def check_exposure(host: str, token: str | None, token_env: str) -> None:
+    """Refuse to serve beyond this machine without a bearer token: anyone who reaches the port could use it."""
+    if host not in LOOPBACK_HOSTS and not token:
+        raise SteerrayError(f"refusing to serve on {host} without a bearer token: anyone who can reach this "
+                            f"machine could use the server. Set ${token_env} (or bind --host 127.0.0.1)")

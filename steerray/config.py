@@ -1,17 +1,22 @@
 """Stage configs: pydantic models (unknown keys rejected), YAML presets and dotted overrides.
 
-``load_config(RewardConfig, "jobs/configs/demo/reward.yaml", ["train.max_steps=50"])`` reads the
-preset, applies ``key=value`` overrides (values parsed as YAML, so ``lora.enabled=true`` is a bool),
-and validates. Errors name the file and the dotted key.
+One loader, one precedence order, lowest first: the model's defaults < the preset or YAML file < CLI
+flags < dotted ``key=value`` overrides. ``load_config(RewardConfig, "demo/reward", ["train.max_steps=50"])``
+reads the preset (package data under ``steerray/presets/``, or any YAML path), applies the flags and the
+overrides (values parsed as YAML, so ``lora.enabled=true`` is a bool) and validates once. Errors name the
+file and the dotted key, and suggest the nearest valid key (``train.lr`` -> "did you mean optim.lr?").
+Cross-field rules (``optim.min_lr <= optim.lr``, sample steering vs trained label attributes) live inside
+the models, so they fail here, before Ray starts.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from steerray.attributes import ATTRIBUTES, check_attribute
 from steerray.errors import SteerrayError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-PRESETS_DIR = REPO_ROOT / "jobs" / "configs"
+# Presets ship inside the package, so an installed wheel runs every stage from any folder.
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 
 
 class ConfigError(SteerrayError, ValueError):
@@ -29,6 +34,22 @@ class ConfigError(SteerrayError, ValueError):
 
 class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # Dotted names of fields that hold local paths (made absolute on the driver, so workers running in
+    # other folders read the same files), and of fields that hold a model name: a hub id, an alias or a
+    # local folder (made absolute only when they name an existing path or look like one).
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
+
+    def with_absolute_paths(self, base: Path | None = None) -> StrictModel:
+        """A copy whose path fields are absolute, resolved against ``base`` (the user's folder)."""
+        base = base or Path.cwd()
+        data = self.model_dump(mode="json")
+        for key in self.PATH_FIELDS:
+            _update_dotted(data, key, lambda v: str(_absolute(v, base)))
+        for key in self.MODEL_FIELDS:
+            _update_dotted(data, key, lambda v: str(_absolute(v, base)) if _looks_local(v, base) else v)
+        return type(self).model_validate(data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -66,6 +87,12 @@ class OptimConfig(StrictModel):
     warmup_steps: int = Field(10, ge=0)
     constant_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+
+    @model_validator(mode="after")
+    def _min_below_peak(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr={self.min_lr} is above optim.lr={self.lr}")
+        return self
 
 
 class TrainLoopConfig(StrictModel):
@@ -114,6 +141,34 @@ class PrepareConfig(StrictModel):
     repeat: dict[str, int] = Field(default_factory=dict)  # source name -> copies in the train split
     demo_conversations: int = Field(3000, ge=10)  # size of the built-in demo data set
     max_rows_per_source: int | None = Field(None, ge=1)  # cap, for quick looks at big sources
+    # Keep only rows matching column=value[|value][,column=value] (HelpSteer3: domain, language), e.g.
+    # "domain=code,language=english"; the rest are counted as skips.
+    row_filter: str | None = None
+
+    @field_validator("row_filter")
+    @classmethod
+    def _parsable_filter(cls, value: str | None) -> str | None:
+        from steerray.data.sources import SourceError, parse_row_filter
+
+        if value is not None:
+            try:
+                parse_row_filter(value)
+            except SourceError as err:
+                raise ValueError(str(err)) from None
+        return value
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("out",)
+
+    def with_absolute_paths(self, base: Path | None = None) -> PrepareConfig:
+        """Also the LOCATION of ``NAME=LOCATION`` sources that name a local file or folder."""
+        base = base or Path.cwd()
+        copy = super().with_absolute_paths(base)
+        sources = []
+        for text in copy.sources:
+            name, sep, location = text.partition("=")
+            local = sep and _looks_local(location, base) and "://" not in location
+            sources.append(f"{name}={_absolute(location, base)}" if local else text)
+        return copy.model_copy(update={"sources": sources})
 
     @field_validator("repeat")
     @classmethod
@@ -134,6 +189,22 @@ class TrainStageConfig(StrictModel):
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model.name",)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> TrainStageConfig:
+        # The run may stop sooner (train.epochs_cap); the launcher checks the real step count again.
+        optim, steps = self.optim, self.train.max_steps
+        if optim.warmup_steps + optim.constant_steps > steps:
+            raise ValueError(f"optim.warmup_steps ({optim.warmup_steps}) + optim.constant_steps "
+                             f"({optim.constant_steps}) exceed train.max_steps ({steps})")
+        workers = self.scaling.num_workers
+        per_pass = self.train.micro_batch_size * (workers if isinstance(workers, int) else 1)
+        if self.train.global_batch_size % per_pass:
+            raise ValueError(f"train.global_batch_size ({self.train.global_batch_size}) is not a multiple of "
+                             f"train.micro_batch_size x workers ({per_pass})")
+        return self
+
 
 class RewardConfig(TrainStageConfig):
     data: str = "runs/prepare"  # a prepare output folder
@@ -145,6 +216,8 @@ class RewardConfig(TrainStageConfig):
     # A reward-model folder to start from, head included (stage two of HelpSteer2-Preference).
     init_from: str | None = None
 
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "out", "init_from")
+
     @field_validator("attributes")
     @classmethod
     def _known_attributes(cls, value: list[str]) -> list[str]:
@@ -155,6 +228,7 @@ class RewardConfig(TrainStageConfig):
 
 class SFTConfig(TrainStageConfig):
     data: str = "runs/annotate"  # conversation jsonl file or folder
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "out")
     out: str = "runs/sft"
     val_fraction: float = Field(0.05, ge=0, lt=1)  # used when the data has no val split
     sample_prompts: list[str] = Field(default_factory=lambda: [
@@ -209,6 +283,8 @@ class AnnotateConfig(StrictModel):
     trust_remote_code: bool = False
     timeout_s: float = Field(300.0, gt=0)  # per HTTP request with `via`
 
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "input", "out")
+
 
 class ServeRewardConfig(StrictModel):
     """Stage `serve-reward`: the reward model behind a Ray Serve HTTP endpoint with dynamic batching."""
@@ -231,6 +307,8 @@ class ServeRewardConfig(StrictModel):
     app_name: str = "steerray-reward"
     route_prefix: str = "/"
     block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "out")
 
 
 class SamplingConfig(StrictModel):
@@ -276,6 +354,9 @@ class BootstrapConfig(StrictModel):
     # from its manifest) plus overrides; data, out and model.name are set by bootstrap.
     sft_preset: str | None = None
     sft_overrides: list[str] = Field(default_factory=list)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "reward_model", "out")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)
 
     @field_validator("steering")
     @classmethod
@@ -343,6 +424,9 @@ class EvaluateConfig(StrictModel):
     reward: RewardEvalConfig = Field(default_factory=RewardEvalConfig)
     steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
 
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "out")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)
+
 
 class StageSpec(StrictModel):
     preset: str | None = None  # preset name (demo/reward) or YAML file; None = the stage's defaults
@@ -366,6 +450,8 @@ class PipelineConfig(StrictModel):
     stage_address: str | None = None
     command: str | None = None  # the command that started the run, repeated in resume hints
     rerun: str | None = None  # re-run this stage and every stage after it (CLI --rerun; not saved)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("runs_dir",)
 
     @field_validator("run")
     @classmethod
@@ -400,6 +486,32 @@ class ServeConfig(StrictModel):
     route_prefix: str = "/"
     block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
 
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("out",)
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("model",)
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------------
+
+def _absolute(value: str, base: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _looks_local(value: str, base: Path) -> bool:
+    """A model name that names a local folder (as opposed to a hub id or an alias)."""
+    return value.startswith((".", "/", "~")) or (base / Path(value).expanduser()).exists()
+
+
+def _update_dotted(data: dict[str, Any], key: str, change: Any) -> None:
+    node: Any = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and isinstance(node.get(parts[-1]), str):
+        node[parts[-1]] = change(node[parts[-1]])
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading, overrides, hashing
@@ -408,16 +520,27 @@ class ServeConfig(StrictModel):
 T = TypeVar("T", bound=BaseModel)
 
 
-def resolve_preset(path_or_name: str | Path) -> Path:
-    """A YAML path, or ``preset/stage`` under jobs/configs (``demo/reward``)."""
-    path = Path(path_or_name)
+def preset_names() -> list[str]:
+    """Every ``preset/stage`` name shipped in the package (``demo/reward``, ``tiny/pipeline``, ...)."""
+    return sorted(str(p.relative_to(PRESETS_DIR).with_suffix("")) for p in PRESETS_DIR.glob("*/*.yaml"))
+
+
+def resolve_preset(path_or_name: str | Path, stage_file: str | None = None) -> Path:
+    """A YAML path; or a shipped preset: ``demo/reward``, or ``demo`` alone meaning ``demo/<stage_file>``."""
+    path = Path(path_or_name).expanduser()
     if path.is_file():
         return path
-    candidate = PRESETS_DIR / f"{path_or_name}.yaml"
-    if candidate.is_file():
-        return candidate
-    known = sorted(str(p.relative_to(PRESETS_DIR).with_suffix("")) for p in PRESETS_DIR.glob("*/*.yaml"))
-    raise ConfigError(f"config file {str(path_or_name)!r} does not exist; presets: {', '.join(known)}")
+    name = str(path_or_name).removesuffix(".yaml")
+    candidates = [PRESETS_DIR / f"{name}.yaml"]
+    if stage_file and "/" not in name:
+        candidates.insert(0, PRESETS_DIR / name / f"{stage_file}.yaml")
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    known = preset_names()
+    if stage_file:
+        known = [k for k in known if k.endswith(f"/{stage_file}")] or known
+    raise ConfigError(f"config {str(path_or_name)!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -432,32 +555,69 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def parse_override(override: str) -> tuple[str, Any]:
+    """``a.b.c=value`` -> (``a.b.c``, value parsed as a YAML scalar or flow collection)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {override!r} is not of the form key=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, what: str | None = None) -> None:
+    """``data[a][b][c] = value`` for ``key`` = ``a.b.c``, creating sections on the way."""
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {what or key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings; values are parsed as YAML scalars or flow collections."""
+    """Apply ``a.b.c=value`` strings to ``data`` in order."""
     for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} is not of the form key=value")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = data
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: {part!r} is not a section")
-            node = child
-        node[parts[-1]] = value
+        key, value = parse_override(override)
+        set_dotted(data, key, value, override)
     return data
 
 
-def _format_validation_error(err: ValidationError, source: str) -> str:
+def known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key ``model`` accepts, nested sections included (for "did you mean" hints)."""
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += known_keys(annotation, f"{prefix}{name}.")
+    return keys
+
+
+def nearest_key(key: str, model: type[BaseModel]) -> str | None:
+    """The valid key closest to ``key``: same last part in another section first, then by spelling."""
+    keys = known_keys(model)
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    if same_leaf:
+        return min(same_leaf, key=lambda k: -difflib.SequenceMatcher(None, k, key).ratio())
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _format_validation_error(err: ValidationError, source: str, model: type[BaseModel]) -> str:
     lines = []
     for problem in err.errors():
         key = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        message = "unknown key" if problem["type"] == "extra_forbidden" else problem["msg"]
+        if problem["type"] == "extra_forbidden":
+            hint = nearest_key(key, model)
+            message = "unknown key" + (f" (did you mean {hint}?)" if hint else "")
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {message}")
     return f"invalid config ({source}):\n" + "\n".join(lines)
 
@@ -466,16 +626,20 @@ def validate_config(model: type[T], data: Mapping[str, Any], source: str = "conf
     try:
         return model.model_validate(dict(data))
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err, source)) from None
+        raise ConfigError(_format_validation_error(err, source, model)) from None
 
 
 def load_config(model: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), /,
-                **fields: Any) -> T:
-    """Preset YAML (optional) + ``fields`` (CLI flags that were given) + dotted ``overrides``."""
+                stage_file: str | None = None, **fields: Any) -> T:
+    """Defaults < preset or YAML ``path`` < ``fields`` (CLI flags given) < dotted ``overrides``.
+
+    ``stage_file`` lets a bare preset name stand for that stage's file (``--config demo`` for train-sft
+    reads ``demo/sft``).
+    """
     source = "defaults"
     data: dict[str, Any] = {}
     if path is not None:
-        resolved = resolve_preset(path)
+        resolved = resolve_preset(path, stage_file)
         data, source = read_yaml(resolved), str(resolved)
     data.update({key: value for key, value in fields.items() if value is not None})
     overrides = list(overrides)

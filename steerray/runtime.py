@@ -1,82 +1,122 @@
-"""Starting Ray safely and running a stage's job: embedded locally, or submitted to a cluster.
+"""Starting Ray safely, and running a stage as a Ray job on a cluster.
 
-Embedded Ray is started loopback-only and quiet (see docs on Ray's traps on small CPU machines). With
-``--address`` or ``RAY_ADDRESS`` the CLI submits ``python jobs/<stage>.py --config-b64 ...`` as a Ray
-job, the working tree as its ``working_dir``, and follows the job's logs until it ends.
+Embedded Ray (no ``--address``, no ``RAY_ADDRESS``) is started on loopback only: every socket of every
+Ray process listens on 127.0.0.1. Ray decides that when ``ray`` is first imported (it reads
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` at import time), so ``steerray/__init__.py`` calls
+:func:`prepare_environment` before any steerray module can import Ray, and :func:`init_ray` pins the
+node address to 127.0.0.1 as well. Token authentication is switched off only for that loopback-only
+Ray; a cluster keeps whatever its operator set.
+
+With ``--address`` the CLI submits ``python -m steerray.stages.<stage> --config-b64 ...``: the job runs
+the steerray installed on the cluster (no working tree is uploaded), secrets travel in the job's
+environment (never in its command line), and the CLI follows the job's logs until it ends.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
-import importlib.util
+import json
 import logging
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
-from steerray.config import REPO_ROOT
+import yaml
+from pydantic import BaseModel
+
+from steerray.config import validate_config
 from steerray.errors import SteerrayError
 
-JOBS_DIR = REPO_ROOT / "jobs"
-# Set before Ray starts: bind every Ray socket to loopback, no token dance on a laptop, no telemetry.
-SAFE_RAY_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
+LOOPBACK = "127.0.0.1"
+# Before the first `import ray`: no telemetry, quiet tokenizers, Train V2.
+IMPORT_TIME_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
 }
-# Never shipped to a cluster with the working tree.
-SUBMIT_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", ".pytest_cache", "wandb", "*.egg-info"]
+# Only for the embedded Ray: every socket on loopback (read at import time), and, since nothing is reachable
+# from elsewhere, no token dance on a laptop. A driver connecting to a cluster must not bind to loopback.
+EMBEDDED_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 log = logging.getLogger("steerray")
+T = TypeVar("T", bound=BaseModel)
 
 
 class JobFailed(SteerrayError, RuntimeError):
-    """A stage's Ray job ended in failure; the message carries its last log lines."""
+    """A stage's Ray job ended in failure; the message says where its logs are."""
 
 
-def apply_safe_env() -> None:
-    for key, value in SAFE_RAY_ENV.items():
+def connecting_to_cluster() -> bool:
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def prepare_environment() -> None:
+    """Set Ray's import-time settings; if Ray was imported first, its bind setting may come too late."""
+    for key, value in IMPORT_TIME_ENV.items():
+        os.environ.setdefault(key, value)
+    if connecting_to_cluster():
+        return
+    if "ray" in sys.modules and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ:
+        log.warning("ray was imported before steerray: the embedded Ray may listen beyond 127.0.0.1")
+    for key, value in EMBEDDED_ENV.items():
         os.environ.setdefault(key, value)
 
 
 def init_ray(num_cpus: int | None = None, object_store_mb: int | None = None) -> None:
-    """Connect to the cluster named by RAY_ADDRESS, else start an embedded local Ray (once)."""
+    """Connect to the cluster named by RAY_ADDRESS, else start an embedded loopback-only Ray (once)."""
     import ray
 
     if ray.is_initialized():
         return
-    apply_safe_env()
+    prepare_environment()
     logging_config = ray.LoggingConfig(log_level="ERROR")
-    if os.environ.get("RAY_ADDRESS"):
+    if connecting_to_cluster():
         ray.init(address=os.environ["RAY_ADDRESS"], logging_config=logging_config)
     else:
-        for attempt in range(3):
-            try:
-                ray.init(
-                    num_cpus=num_cpus,
-                    include_dashboard=False,
-                    object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
-                    logging_config=logging_config,
-                )
-                break
-            except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a busy box
-                if "timed out during startup" not in str(err) or attempt == 2:
-                    raise
-                log.warning("Ray's node start-up timed out (busy machine?); retrying")
-                ray.shutdown()
+        _start_embedded(num_cpus, object_store_mb, logging_config)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = sys.stderr.isatty()
 
+
+def _start_embedded(num_cpus: int | None, object_store_mb: int | None, logging_config: Any) -> None:
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
+                     object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
+                     logging_config=logging_config)
+            return
+        except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a busy box
+            if "timed out during startup" not in str(err) or attempt == 2:
+                raise
+            log.warning("Ray's node start-up timed out (busy machine?); retrying")
+            ray.shutdown()
+
+
+def cluster_gpus() -> int:
+    import ray
+
+    return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cluster_cpus() -> float:
+    import ray
+
+    return float(ray.cluster_resources().get("CPU", 0))
+
+
+# --------------------------------------------------------------------------------------------------
+# Servers: block until stopped
+# --------------------------------------------------------------------------------------------------
 
 def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
@@ -97,68 +137,50 @@ def serve_until_stopped(app_name: str, what: str) -> None:
         serve.delete(app_name)
 
 
-def cluster_gpus() -> int:
-    import ray
+# --------------------------------------------------------------------------------------------------
+# Jobs: one config in, validated once
+# --------------------------------------------------------------------------------------------------
 
-    return int(ray.cluster_resources().get("GPU", 0))
-
-
-def cluster_cpus() -> float:
-    import ray
-
-    return float(ray.cluster_resources().get("CPU", 0))
+def encode_config(config: BaseModel) -> str:
+    return base64.urlsafe_b64encode(json.dumps(config.model_dump(mode="json")).encode()).decode()
 
 
-def load_job_module(stage_file: str) -> ModuleType:
-    """Import ``jobs/<stage_file>.py`` by path (jobs are scripts, not package modules)."""
-    path = JOBS_DIR / f"{stage_file}.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"job script {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"steerray_job_{stage_file}", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def config_from_argv(model: type[T], argv: list[str] | None, source: str) -> T:
+    """A job's ``--config FILE`` (YAML) or ``--config-b64 BLOB`` (JSON, from the CLI), validated."""
+    parser = argparse.ArgumentParser(description=f"{source}: run one steerray stage")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--config", help="the stage's YAML config (e.g. a run folder's config.yaml)")
+    group.add_argument("--config-b64", help="the config as base64 JSON (how the steerray CLI submits jobs)")
+    args = parser.parse_args(argv)
+    if args.config:
+        path = Path(args.config)
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise SteerrayError(f"--config {path}: cannot read it as YAML ({err})") from None
+        return validate_config(model, data, str(path))
+    return validate_config(model, json.loads(base64.urlsafe_b64decode(args.config_b64)), source)
 
 
-def encode_config(yaml_text: str) -> str:
-    return base64.urlsafe_b64encode(yaml_text.encode()).decode()
+def dashboard_address(address: str) -> str:
+    # `ray://host:10001` and bare `host:6379` name the cluster, but jobs go through the dashboard.
+    if address.startswith(("http://", "https://")):
+        return address
+    host = address.removeprefix("ray://").split(":")[0] or LOOPBACK
+    return f"http://{host}:8265"
 
 
-def decode_config(blob: str) -> str:
-    return base64.urlsafe_b64decode(blob.encode()).decode()
-
-
-def run_job(stage_file: str, config_yaml: str, address: str | None = None, wait: bool = True) -> Any:
-    """Run a stage: in this process on embedded Ray, or as a Ray job on the cluster at ``address``."""
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        module = load_job_module(stage_file)
-        return module.main(["--config-b64", encode_config(config_yaml)])
-    return submit_job(stage_file, config_yaml, address, wait=wait)
-
-
-def submit_job(stage_file: str, config_yaml: str, address: str, wait: bool = True) -> str:
-    """``ray job submit`` semantics: ship the working tree, run the job script, follow its logs."""
+def submit_job(module: str, config: BaseModel, address: str, *, env_vars: dict[str, str] | None = None,
+               wait: bool = True) -> str:
+    """``ray job submit`` semantics: run ``python -m steerray.stages.<module>`` on the cluster's installed
+    steerray, with ``env_vars`` (secrets) in the job's environment, and follow its logs."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    apply_safe_env()
-    client = JobSubmissionClient(_dashboard_address(address))
-    entrypoint = f"python jobs/{stage_file}.py --config-b64 {encode_config(config_yaml)}"
-    for attempt in range(10):
-        try:
-            job_id = client.submit_job(
-                entrypoint=entrypoint,
-                runtime_env={"working_dir": str(REPO_ROOT), "excludes": SUBMIT_EXCLUDES},
-                submission_id=f"steerray-{stage_file}-{int(time.time())}",
-            )
-            break
-        except RuntimeError as err:
-            # A freshly started head answers this until its per-node agent is up.
-            if "No available agent" not in str(err) or attempt == 9:
-                raise
-            time.sleep(3)
-    print(f"[steerray] submitted {stage_file} as Ray job {job_id} to {address}", file=sys.stderr)
+    client = JobSubmissionClient(dashboard_address(address))
+    entrypoint = f"python -m steerray.stages.{module} --config-b64 {encode_config(config)}"
+    runtime_env = {"env_vars": dict(env_vars)} if env_vars else None
+    job_id = _submit_with_retries(client, entrypoint, runtime_env, f"steerray-{module}-{int(time.time())}")
+    print(f"[steerray] submitted {module} as Ray job {job_id} to {address}", file=sys.stderr, flush=True)
     if not wait:
         return job_id
 
@@ -173,21 +195,13 @@ def submit_job(stage_file: str, config_yaml: str, address: str, wait: bool = Tru
     return job_id
 
 
-def _dashboard_address(address: str) -> str:
-    # `ray://host:10001` and bare `host:6379` name the cluster, but jobs go through the dashboard.
-    if address.startswith("http://") or address.startswith("https://"):
-        return address
-    host = address.removeprefix("ray://").split(":")[0] or "127.0.0.1"
-    return f"http://{host}:8265"
-
-
-def job_config_from_argv(argv: list[str] | None) -> str:
-    """Parse a job script's ``--config PATH`` or ``--config-b64 BLOB`` into the config's YAML text."""
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--config", help="resolved config YAML written by the steerray CLI")
-    group.add_argument("--config-b64", help="the same, base64-encoded (how the CLI submits jobs)")
-    args = parser.parse_args(argv)
-    return Path(args.config).read_text(encoding="utf-8") if args.config else decode_config(args.config_b64)
+def _submit_with_retries(client: Any, entrypoint: str, runtime_env: dict[str, Any] | None, job_id: str) -> str:
+    for attempt in range(10):
+        try:
+            return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
+        except RuntimeError as err:
+            # A freshly started head answers this until its per-node agent is up.
+            if "No available agent" not in str(err) or attempt == 9:
+                raise
+            time.sleep(3)
+    raise AssertionError("unreachable")

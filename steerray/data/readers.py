@@ -14,6 +14,8 @@ import gzip
 import io
 import json
 import os
+import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,11 @@ from steerray.errors import SteerrayError
 DATA_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 CHUNK_BYTES = 32 * 1024**2  # one read task per this many bytes of a plain jsonl file
 HUB_PREFIX = "hf://"
+# Deeper records parse, but later json.dumps calls from deeper call stacks (Ray workers, converters)
+# hit the recursion limit: refuse them here, far above any real record (conversations nest < 10 deep).
+MAX_JSON_DEPTH = 128
+# A \uD800-\uDFFF escape: only lines holding one can decode to a lone surrogate (raw UTF-8 cannot).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 class DataSourceError(SteerrayError, ValueError):
@@ -135,8 +142,18 @@ def read_task_rows(task: dict[str, Any]) -> Iterator[dict[str, Any]]:
             yield from _parquet_rows(file)
         else:
             yield from _jsonl_rows(file, task["start"], task["end"], task["first_line"])
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         yield {"file": file, "line": 0, "raw": "", "error": f"cannot read file: {err}"}
+    except Exception as err:
+        if not _is_arrow_error(err):
+            raise
+        yield {"file": file, "line": 0, "raw": "",
+               "error": f"cannot read file: not a readable parquet file ({err})"}
+
+
+def _is_arrow_error(err: Exception) -> bool:
+    # pyarrow is imported only for parquet files; a corrupt one raises ArrowInvalid / ArrowIOError.
+    return type(err).__module__.startswith("pyarrow")
 
 
 def _jsonl_rows(file: str, start: int, end: int, first_line: int) -> Iterator[dict[str, Any]]:
@@ -154,7 +171,8 @@ def _jsonl_rows(file: str, start: int, end: int, first_line: int) -> Iterator[di
             try:
                 text = line.decode("utf-8")
             except UnicodeDecodeError as err:
-                yield {"file": file, "line": line_no, "raw": "", "error": f"not UTF-8 text: {err.reason}"}
+                yield {"file": file, "line": line_no, "raw": "",
+                       "error": f"not UTF-8 text: {err.reason} at byte {err.start + 1} of the line"}
             else:
                 if text.strip():
                     yield {"file": file, "line": line_no, "raw": text.rstrip("\r\n"), "error": ""}
@@ -175,10 +193,60 @@ def _parquet_rows(file: str) -> Iterator[dict[str, Any]]:
 
 
 def decode_raw(row: dict[str, Any]) -> tuple[Any, str]:
-    """``(record, "")`` or ``(None, reason)`` for one raw row."""
+    """``(record, "")`` or ``(None, reason)`` for one raw row (see :func:`decode_json`)."""
     if row["error"]:
         return None, row["error"]
+    return decode_json(row["raw"])
+
+
+def decode_json(text: str) -> tuple[Any, str]:
+    """``(value, "")`` or ``(None, reason)`` for one JSON text; never raises, whatever the text holds.
+
+    Rejected besides malformed JSON: nesting deeper than ``MAX_JSON_DEPTH`` levels, integers over
+    Python's int-string limit (ValueError), NaN/Infinity (not JSON; they would turn into NaN labels), and
+    lone surrogates (a ``\\ud800`` escape decodes to a string that cannot be written out as UTF-8 again).
+    """
     try:
-        return json.loads(row["raw"]), ""
+        value = _DECODER.decode(text)
     except json.JSONDecodeError as err:
         return None, f"malformed JSON: {err.msg} at column {err.colno}"
+    except RecursionError:
+        return None, f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep"
+    except ValueError as err:  # the int-string limit (sys.get_int_max_str_digits), NaN/Infinity
+        return None, f"unusable JSON value: {str(err).split(';')[0]}"
+    # Counting brackets is a fast C scan: only a line with that many can be nested that deep.
+    if text.count("[") + text.count("{") > MAX_JSON_DEPTH and _nested_deeper(value, MAX_JSON_DEPTH):
+        return None, f"malformed JSON: nested more than {MAX_JSON_DEPTH} levels deep"
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        return None, "unusable JSON value: a string holds a lone surrogate (unpaired \\ud800-\\udfff escape)"
+    return value, ""
+
+
+def _nested_deeper(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]  # an explicit stack: walking this value recursively is what must not happen
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+# One decoder for every line: json.loads(..., parse_constant=...) would build a new one per call.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    # Paired escapes decode to one code point; only unpaired ones survive, and UTF-8 refuses them.
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False

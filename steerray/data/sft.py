@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,10 +34,11 @@ from typing import Any
 import numpy as np
 
 from steerray.attributes import restrict_label
+from steerray.data.readers import decode_json
 from steerray.errors import SteerrayError
 from steerray.templates import Conversation, ConversationError, render_sft, validate_conversation
 
-IGNORE_INDEX = -100  # same value as steerray.training.losses.IGNORE_INDEX (HF / NeMo convention)
+IGNORE_INDEX = -100  # a token label that carries no loss (HF / NeMo convention)
 STATUS_OK, STATUS_REJECTED, STATUS_UNTRAINED = "ok", "rejected", "untrained"
 SPLIT_FILES = ("train.jsonl", "val.jsonl")
 
@@ -121,10 +121,9 @@ def tokenize_sft(rendered: Mapping[str, Any], tokenizer: Any, max_length: int) -
 def example_from_json(raw: str, tokenizer: Any, max_length: int,
                       label_attributes: Sequence[str] | None = None) -> tuple[str, str, SFTExample | None]:
     """``(status, reason, example)`` for one jsonl line: ok, rejected (with why) or untrained."""
-    try:
-        record = json.loads(raw)
-    except json.JSONDecodeError as err:
-        return STATUS_REJECTED, f"malformed JSON: {err.msg} at column {err.colno}", None
+    record, why = decode_json(raw)
+    if why:
+        return STATUS_REJECTED, why, None
     try:
         rendered = render_trained(record, label_attributes)
     except ConversationError as err:
@@ -193,22 +192,18 @@ def tokenize_batch(batch: Mapping[str, Any], tokenizer: Any, max_length: int,
     return result
 
 
-def collate_sft(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
-                multiple_of: int = 8) -> dict[str, Any]:
-    """Right-pad a micro-batch: ``input_ids`` with ``pad_id``, ``labels`` with IGNORE_INDEX, plus the mask.
-
-    Width rounds up to ``multiple_of`` (the reference pads to a multiple of 8). Labels are already shifted:
-    position t's label is the token after t, so use the loss with ``shift=False``.
-    """
-    import torch
-
-    from steerray.training.batching import pad_batch
-
-    ids, attention = pad_batch(input_ids, pad_id, side="right", multiple_of=multiple_of)
-    target = torch.full_like(ids, IGNORE_INDEX)
-    for row, seq in enumerate(labels):
-        target[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
-    return {"input_ids": ids, "attention_mask": attention, "labels": target}
+def tokenized_view(rendered: Mapping[str, Any], tokenizer: Any, max_length: int | None) -> dict[str, Any]:
+    """What training really sees of a rendered conversation: trained spans snapped to whole tokens by the
+    token rule, then right truncation to ``max_length`` tokens (``render-sft --model``)."""
+    encoded = tokenizer(rendered["text"], return_offsets_mapping=True, add_special_tokens=False)
+    offsets = encoded["offset_mapping"]
+    mask = token_loss_mask(offsets, rendered["trained"])
+    kept = len(offsets) if max_length is None else min(len(offsets), max_length)
+    # The first token is never a target (next-token shift), so it can never carry loss.
+    spans = token_spans(offsets[1:kept], mask[1:kept])
+    cut = offsets[kept - 1][1] if kept < len(offsets) and kept > 0 else len(rendered["text"])
+    return {"text": rendered["text"][:cut], "trained": spans, "tokens": len(offsets),
+            "truncated": kept < len(offsets)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ design (deleted OASST messages, prompts with no reply). Both are counted and wri
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,7 @@ SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "helpsteer2": ("nvidia/HelpSteer2", ("train.jsonl.gz", "validation.jsonl.gz")),
     "helpsteer2-helpfulness": ("nvidia/HelpSteer2", ("train.jsonl.gz", "validation.jsonl.gz")),
     "helpsteer2-preference": ("nvidia/HelpSteer2", ("preference/preference.jsonl.gz",)),
+    "helpsteer3": ("nvidia/HelpSteer3", ("preference/train.jsonl.gz", "preference/validation.jsonl.gz")),
     "oasst1": ("OpenAssistant/oasst1", ("data/*.parquet",)),
     "conversations": ("", ()),
     "demo": ("", ()),
@@ -43,6 +44,11 @@ SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
 HELPSTEER_COLUMNS = ("prompt", "response", *HELPSTEER_ATTRIBUTES)
 PREFERENCE_REQUIRED = ("prompt", "response_1", "response_2", "preference_strength")
 PREFERENCE_OPTIONAL = ("split", "preference_statement", "preference_elaboration")
+HELPSTEER3_REQUIRED = ("domain", "language", "context", "response1", "response2", "overall_preference")
+HELPSTEER3_OPTIONAL = ("individual_preference",)
+CONTEXT_ROLES = {"user": USER_ROLE, "assistant": ASSISTANT_ROLE}
+# Columns ``--filter`` may select on, per source (the values are compared case-insensitively).
+FILTER_COLUMNS: dict[str, tuple[str, ...]] = {"helpsteer3": ("domain", "language")}
 OASST_ROLES = {"prompter": USER_ROLE, "assistant": ASSISTANT_ROLE}
 LIKERT_MAX = 4  # OASST labels are 0-1; the reference maps them to 0-4 with value * (5 - 1)
 
@@ -71,6 +77,60 @@ class SourceSpec:
         if name == "demo" and location:
             raise SourceError("source 'demo' is built in and takes no location")
         return cls(name, location)
+
+
+@dataclass(frozen=True)
+class RowFilter:
+    """A row selection such as ``domain=code,language=python|javascript_html_css``.
+
+    Items are ``column=value``; several values of one column (``a|b``, or the column repeated) are
+    alternatives, different columns must all match. Values compare case-insensitively.
+    """
+
+    text: str
+    allowed: tuple[tuple[str, frozenset[str]], ...]
+
+    def mismatch(self, record: Mapping[str, Any]) -> str | None:
+        """Why ``record`` is not selected (the skip reason), or None when it is."""
+        for column, values in self.allowed:
+            value = record.get(column)
+            if not isinstance(value, str) or value.strip().casefold() not in values:
+                return f"not selected by --filter {self.text}: {column}={value!r}"
+        return None
+
+    def __call__(self, record: Mapping[str, Any]) -> bool:
+        return self.mismatch(record) is None
+
+
+def parse_row_filter(text: str, columns: Sequence[str] | None = None) -> RowFilter:
+    """Parse ``--filter`` text into a :class:`RowFilter`; ``columns`` limits what may be filtered on.
+
+    >>> parse_row_filter("domain=code,language=english")({"domain": "Code", "language": "english"})
+    True
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SourceError("--filter is empty; expected column=value[,column=value...], e.g. domain=code")
+    allowed: dict[str, set[str]] = {}
+    for item in text.split(","):
+        column, sep, values = item.partition("=")
+        column = column.strip()
+        options = {v.strip().casefold() for v in values.split("|")}
+        if not sep or not column or "" in options:
+            raise SourceError(f"--filter item {item.strip()!r} is not column=value (in {text!r})")
+        if columns is not None and column not in columns:
+            raise SourceError(f"--filter cannot select on {column!r}; it can select on: {', '.join(columns)}")
+        allowed.setdefault(column, set()).update(options)
+    return RowFilter(text.strip(), tuple((c, frozenset(v)) for c, v in allowed.items()))
+
+
+def source_filter(source: str, text: str | None) -> RowFilter | None:
+    """The row filter for one source (None without ``text``); an error if the source has no filterable columns."""
+    if text is None:
+        return None
+    if source not in FILTER_COLUMNS:
+        raise SourceError(f"--filter does not apply to source {source!r}; sources that take it: "
+                          f"{', '.join(FILTER_COLUMNS)}")
+    return parse_row_filter(text, FILTER_COLUMNS[source])
 
 
 def out_row(source: str, kind: str, payload: Any, *, split: str = "", group: str = "", file: str = "",
@@ -136,31 +196,117 @@ def convert_helpsteer(source: str, record: Any, *, file: str, line: int, split: 
     return conversation_rows(source, conversation, split=split, group=prompt, file=file, line=line)
 
 
+def reward_text(context: Sequence[tuple[str, str]], response: str) -> str:
+    """The reward-model text for ``response`` after ``context`` turns ``(role, text)`` (User first).
+
+    Built by the one prompt builder the regression data and the annotator use, so a pair's texts are
+    byte-identical to what the reward model is trained and scored on.
+    """
+    turns = [(role, text, None) for role, text in context] + [(ASSISTANT_ROLE, response, "")]
+    return reward_prompts(make_conversation(turns), labelled_only=False)[-1].text
+
+
+def _preference_score(record: Mapping[str, Any], name: str) -> int:
+    raw = record[name]
+    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or float(raw) != int(raw) or not -3 <= raw <= 3:
+        raise RowError(f"column {name!r} must be an integer -3..3, got {raw!r}")
+    return int(raw)
+
+
+def preference_pair(pair_id: str, context: Sequence[tuple[str, str]], first: str, second: str,
+                    preference: int) -> dict[str, Any]:
+    """An explicit pair from two responses and a signed preference (negative: the first is better).
+
+    ``strength = |preference|``. A tie (0) stays a tie: ``"tie": true``, strength 0, the two responses
+    as chosen/rejected in file order; never one answer on both sides. Losses that cannot learn from a
+    tie skip it when they read the pairs (``steerray.training.reward_data.read_split``).
+    """
+    chosen, rejected = (second, first) if preference > 0 else (first, second)
+    return {"id": pair_id, "chosen": reward_text(context, chosen), "rejected": reward_text(context, rejected),
+            "strength": float(abs(preference)), "tie": preference == 0}
+
+
+def _pair_id(file: str, line: int) -> str:
+    return f"{file.rsplit('/', 1)[-1]}:{line}"
+
+
 def convert_preference(source: str, record: Any, *, file: str, line: int, split: str) -> list[dict[str, Any]]:
-    """One explicit pair per row: ``{"id", "chosen", "rejected", "strength"}`` (strength >= 0; 0 = tie).
+    """One explicit pair per row: ``{"id", "chosen", "rejected", "strength", "tie"}`` (strength >= 0).
 
     The sign convention is HelpSteer2-Preference's: negative -> response_1 preferred, positive ->
-    response_2 preferred. Pairs never depend on file adjacency downstream.
+    response_2 preferred, 0 -> a tie. Pairs never depend on file adjacency downstream.
     """
     _check_columns(record, PREFERENCE_REQUIRED, PREFERENCE_OPTIONAL)
     prompt = _text(record, "prompt")
     first, second = _text(record, "response_1"), _text(record, "response_2")
-    raw = record["preference_strength"]
-    if isinstance(raw, bool) or not isinstance(raw, (int, float)) or float(raw) != int(raw) or not -3 <= raw <= 3:
-        raise RowError(f"column 'preference_strength' must be an integer -3..3, got {raw!r}")
-    strength = int(raw)
+    strength = _preference_score(record, "preference_strength")
     row_split = record.get("split")
     if row_split is not None:
         split = "train" if row_split == "train" else "val"
-
-    def text(response: str) -> str:
-        conversation = make_conversation([(USER_ROLE, prompt, None), (ASSISTANT_ROLE, response, "")])
-        return reward_prompts(conversation, labelled_only=False)[0].text
-
-    chosen, rejected = (first, second) if strength < 0 else (second, first)
-    pair = {"id": f"{file.rsplit('/', 1)[-1]}:{line}", "chosen": text(chosen), "rejected": text(rejected),
-            "strength": float(abs(strength))}
+    pair = preference_pair(_pair_id(file, line), [(USER_ROLE, prompt)], first, second, strength)
     return [out_row(source, "preference", pair, split=split, group=prompt, file=file, line=line)]
+
+
+# --------------------------------------------------------------------------------------------------
+# HelpSteer3-Preference (multi-turn context, two responses, overall preference -3..3)
+# --------------------------------------------------------------------------------------------------
+
+def context_turns(context: Any, column: str = "context") -> list[tuple[str, str]]:
+    """A ``[{role, content}]`` context (user first, alternating, ending with the user) as SteerLM turns."""
+    if not isinstance(context, list) or not context:
+        raise RowError(f"column {column!r} must be a non-empty list of {{role, content}} turns")
+    turns = []
+    for i, turn in enumerate(context):
+        if not isinstance(turn, dict):
+            raise RowError(f"{column} turn {i} is not an object")
+        role = CONTEXT_ROLES.get(turn.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise RowError(f"{column} turn {i}: role must be 'user' or 'assistant', got {turn.get('role')!r}")
+        if role != (USER_ROLE, ASSISTANT_ROLE)[i % 2]:
+            raise RowError(f"{column} turn {i}: turns must alternate user/assistant, starting with the user")
+        content = turn.get("content")
+        if not isinstance(content, str) or not content.strip():
+            raise RowError(f"{column} turn {i} ({turn['role']}): empty or missing 'content'")
+        turns.append((role, content))
+    if turns[-1][0] != USER_ROLE:
+        raise RowError(f"{column} must end with a user turn (the responses answer it)")
+    return turns
+
+
+def _check_individual_preference(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise RowError("column 'individual_preference' must be a list of annotator objects")
+    for i, entry in enumerate(value):
+        score = entry.get("score")
+        if score is not None and (isinstance(score, bool) or not isinstance(score, int) or not -3 <= score <= 3):
+            raise RowError(f"individual_preference[{i}].score must be an integer -3..3, got {score!r}")
+
+
+def convert_helpsteer3(source: str, record: Any, *, file: str, line: int, split: str,
+                       row_filter: RowFilter | None = None) -> list[dict[str, Any]]:
+    """One explicit pair per row: ``{"id", "chosen", "rejected", "strength", "tie", "domain", "language"}``.
+
+    ``strength = |overall_preference|`` (negative: response1 is better). Multi-turn contexts are rendered
+    with the SteerLM template exactly as the other sources. Rows ``row_filter`` does not select are skips
+    (counted by reason), checked after validation so a malformed row is a reject whatever the filter.
+    """
+    _check_columns(record, HELPSTEER3_REQUIRED, HELPSTEER3_OPTIONAL)
+    domain, language = _text(record, "domain"), _text(record, "language")
+    turns = context_turns(record["context"])
+    first, second = _text(record, "response1"), _text(record, "response2")
+    preference = _preference_score(record, "overall_preference")
+    _check_individual_preference(record.get("individual_preference"))
+    if row_filter is not None and (why := row_filter.mismatch(record)):
+        return [reject_row(source, file, line, why, {"domain": domain, "language": language}, kind="skip")]
+    if first == second:
+        return [reject_row(source, file, line, "response1 and response2 are identical: no preference to learn",
+                           {"domain": domain, "language": language}, kind="skip")]
+    pair = preference_pair(_pair_id(file, line), turns, first, second, preference)
+    pair.update(domain=domain, language=language)
+    group = "\x1f".join(text for _, text in turns)  # one context, one split
+    return [out_row(source, "preference", pair, split=split, group=group, file=file, line=line)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -339,23 +485,31 @@ CONVERTERS = {
     "helpsteer2": convert_helpsteer,
     "helpsteer2-helpfulness": convert_helpsteer,
     "helpsteer2-preference": convert_preference,
+    "helpsteer3": convert_helpsteer3,
     "oasst1": oasst_message_key,
     "conversations": convert_conversation,
     "demo": convert_conversation,
 }
 
 
-def convert_raw_row(source: str, raw_row: Mapping[str, Any], split: str) -> list[dict[str, Any]]:
-    """Decode one raw row and run its source's converter; every failure becomes a reject row."""
+def convert_raw_row(source: str, raw_row: Mapping[str, Any], split: str,
+                    row_filter: RowFilter | None = None) -> list[dict[str, Any]]:
+    """Decode one raw row and run its source's converter; every failure becomes a reject row.
+
+    ``row_filter`` (from :func:`source_filter`) selects rows of the sources in :data:`FILTER_COLUMNS`.
+    """
     from steerray.data.readers import decode_raw
 
+    if row_filter is not None and source not in FILTER_COLUMNS:
+        raise SourceError(f"--filter does not apply to source {source!r}")
+    options = {"row_filter": row_filter} if row_filter is not None else {}
     file, line = raw_row["file"], int(raw_row["line"])
     record, error = decode_raw(dict(raw_row))
     if error:
         rows = [reject_row(source, file, line, error, raw_row["raw"][:2000] or None)]
     else:
         try:
-            rows = CONVERTERS[source](source, record, file=file, line=line, split=split)
+            rows = CONVERTERS[source](source, record, file=file, line=line, split=split, **options)
         except (RowError, LabelError) as err:
             rows = [reject_row(source, file, line, str(err), record)]
         except (KeyError, TypeError, AttributeError, ValueError) as err:  # shapes no check anticipated

@@ -52,7 +52,8 @@ def finalize_rows(batch: dict[str, Any], *, seed: int, val_fraction: float) -> d
 
 PARQUET_SCHEMAS = {
     "regression": (("text", "string"), ("label", "list<double>")),
-    "preference": (("id", "string"), ("chosen", "string"), ("rejected", "string"), ("strength", "double")),
+    "preference": (("id", "string"), ("chosen", "string"), ("rejected", "string"), ("strength", "double"),
+                   ("tie", "bool"), ("domain", "string"), ("language", "string")),  # the last two: HelpSteer3
 }
 
 
@@ -109,7 +110,8 @@ class PrepareWriter:
         import pyarrow.json as pj
         import pyarrow.parquet as pq
 
-        types = {"string": pa.string(), "double": pa.float64(), "list<double>": pa.list_(pa.float64())}
+        types = {"string": pa.string(), "double": pa.float64(), "bool": pa.bool_(),
+                 "list<double>": pa.list_(pa.float64())}
         schema = pa.schema([(name, types[kind]) for name, kind in PARQUET_SCHEMAS[folder]])
         source = self.out / f"{folder}/{split}.jsonl{self.tmp_suffix}"
         relative = f"{folder}/{split}.parquet"

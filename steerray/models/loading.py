@@ -25,6 +25,9 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = (SMOLLM2_ALIAS, TINY_ALIAS)
 
 
+ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter folder (LoRA exported unmerged)
+
+
 class ModelNotFound(SteerrayError, ValueError):
     """A model name that is neither an alias, a local folder, nor a reachable hub id."""
 
@@ -129,7 +132,7 @@ def resolve_model(name: str) -> str:
         return str(_build_once(cache_dir() / "tiny-llama-v1", _build_tiny_llama))
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
+        if not (path / "config.json").exists() and not (path / ADAPTER_CONFIG).exists():
             raise ModelNotFound(f"model folder {path} has no config.json (is it a Hugging Face model folder?)")
         return str(path)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
@@ -161,10 +164,16 @@ def load_tokenizer(name: str, max_length: int | None = None, padding_side: str =
 
 
 def load_causal_lm(name: str, dtype: Any = None, trust_remote_code: bool = False) -> Any:
+    """A causal LM from an alias, folder or hub id; a peft adapter folder (``lora.merge_on_export=false``)
+    loads with its base model."""
     import torch
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(name)
+    if (Path(source) / ADAPTER_CONFIG).is_file():
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
                                                     trust_remote_code=trust_remote_code)

@@ -102,6 +102,15 @@ def reward_attributes(config: Any) -> list[str]:
     return names
 
 
+def reward_model_attributes(folder: str | Path, trust_remote_code: bool = False) -> list[str]:
+    """The outputs of the reward model in ``folder``, read from its config without loading the weights."""
+    from transformers import AutoConfig
+
+    if not (Path(folder) / "config.json").is_file():
+        raise RewardModelError(f"reward model {folder} has no config.json; pass the `model` folder of train-reward")
+    return reward_attributes(AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code))
+
+
 def load_reward_model(folder: str | Path, *, dtype: Any = None, device: str | None = None,
                       trust_remote_code: bool = False) -> tuple[Any, Any, list[str]]:
     """Load ``(model, tokenizer, attributes)`` from an exported reward-model folder, in eval mode."""

@@ -35,6 +35,9 @@ from steerray.serving.openai_schema import StopTextFilter
 log = logging.getLogger("steerray.serving.engines")
 
 DEFAULT_CONTEXT_CAP = 4096  # the reference's sequence length; longer contexts only on request
+# Below this temperature sampling is greedy (vLLM's threshold too): logits / 1e-300 overflow to inf and
+# the softmax turns to NaN.
+GREEDY_BELOW = 1e-5
 _DECODE_CONTEXT = 5  # prompt tokens decoded ahead of the answer so its first word keeps its spacing
 
 
@@ -45,10 +48,14 @@ class EngineError(SteerrayError, RuntimeError):
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or anything below GREEDY_BELOW) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # every string that ends the answer (markers included)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
@@ -375,25 +382,56 @@ class TransformersEngine(Engine):
         return _Batch([batch.rows[i] for i in keep], cache, mask, batch.positions.index_select(0, index),
                       batch.logits.index_select(0, index))
 
-    def _sample(self, logits: Any, rows: Sequence[_Sequence]) -> list[int]:
-        import torch
-
-        tokens = logits.argmax(-1).tolist()
+    def _sample(self, logits: Any, rows: Sequence[_Sequence]) -> list[int | BaseException]:
+        """One token per row; a row whose sampling fails gets its exception instead (only it fails)."""
+        tokens: list[int | BaseException] = list(logits.argmax(-1).tolist())
         for i, row in enumerate(rows):
-            params = row.params
-            if params.temperature <= 0:
+            if row.params.greedy:
                 continue
-            scores = logits[i] / params.temperature
-            if params.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
-                sorted_scores, order = scores.sort(descending=True)
-                probs = sorted_scores.softmax(-1)
-                drop = probs.cumsum(-1) - probs > params.top_p
-                scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
-            tokens[i] = int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator))
+            try:
+                tokens[i] = self._sample_row(logits[i], row)
+            except Exception as err:  # noqa: BLE001 - e.g. NaN probabilities: this row's problem
+                tokens[i] = err
         return tokens
 
+    @staticmethod
+    def _sample_row(logits: Any, row: _Sequence) -> int:
+        import torch
+
+        params = row.params
+        scores = logits / params.temperature
+        if params.top_p < 1.0:  # nucleus: keep the smallest set of tokens whose mass reaches top_p
+            sorted_scores, order = scores.sort(descending=True)
+            probs = sorted_scores.softmax(-1)
+            drop = probs.cumsum(-1) - probs > params.top_p
+            scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores.masked_fill(drop, float("-inf")))
+        return int(torch.multinomial(scores.softmax(-1), 1, generator=row.generator))
+
+    def _advance_row(self, row: _Sequence, token: int) -> bool:
+        """Add one sampled token to ``row`` and send its text on; True while the row goes on."""
+        eos = token in self.eos_ids
+        if eos:
+            row.generated += 1  # counted as OpenAI counts it, never shown
+        else:
+            row.add_token(token, self.tokenizer)
+        delta, stopped = row.filter.update(row.raw)
+        finish = "stop" if stopped or eos else "length" if row.generated >= row.params.max_tokens else None
+        if finish is not None and not stopped:
+            row.flush(self.tokenizer)  # bytes held for a half-decoded character, the held tail
+            delta += row.filter.finish(row.raw)
+        if finish is not None:
+            row.done = True
+            row.emit(StreamEvent(delta, row.generated, finish))
+            return False
+        if delta:
+            row.emit(StreamEvent(delta, row.generated))
+        return True
+
     def _step(self, batch: _Batch) -> _Batch | None:
-        """Sample one token per row, send the text on, retire finished rows, run the next forward pass."""
+        """Sample one token per row, send the text on, retire finished rows, run the next forward pass.
+
+        A row that fails on its own (sampling, decoding) fails alone; the others keep generating.
+        """
         import torch
 
         tokens = self._sample(batch.logits, batch.rows)
@@ -405,23 +443,13 @@ class TransformersEngine(Engine):
         for i, (row, token) in enumerate(zip(batch.rows, tokens, strict=True)):
             if row.cancelled:
                 continue
-            eos = token in self.eos_ids
-            if eos:
-                row.generated += 1  # counted as OpenAI counts it, never shown
-            else:
-                row.add_token(token, self.tokenizer)
-            delta, stopped = row.filter.update(row.raw)
-            finish = "stop" if stopped or eos else "length" if row.generated >= row.params.max_tokens else None
-            if finish is not None and not stopped:
-                row.flush(self.tokenizer)  # bytes held for a half-decoded character, the held tail
-                delta += row.filter.finish(row.raw)
-            if finish is not None:
-                row.done = True
-                row.emit(StreamEvent(delta, row.generated, finish))
-            else:
-                if delta:
-                    row.emit(StreamEvent(delta, row.generated))
-                keep.append(i)
+            try:
+                if isinstance(token, BaseException):
+                    raise token
+                if self._advance_row(row, token):
+                    keep.append(i)
+            except Exception as err:  # noqa: BLE001 - fail this row only
+                self._fail([row], err)
         if not keep:
             return None
         if len(keep) < len(batch.rows):

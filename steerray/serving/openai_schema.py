@@ -5,7 +5,10 @@ Pure functions and pydantic models, no Ray and no torch, so the whole contract i
 - :class:`ChatCompletionRequest` accepts what the official ``openai`` client sends, plus one extension,
   ``steering`` (``{"verbosity": 0, ...}``, passed with ``extra_body``); attributes left out take the
   reference's defaults (:data:`steerray.attributes.DEFAULT_STEERING`).
-- :func:`render_chat` turns a request into the exact SteerLM prompt (system block, turns, label line).
+- :func:`decode_json` is the one strict JSON reader of both servers (depth, integer size, NaN, lone
+  surrogates: all 400s, never a 500).
+- :func:`render_messages` turns a request into the exact SteerLM prompt (system block, turns, label
+  line); template markers inside messages are refused.
 - :class:`StopTextFilter` cuts generated text at the stop marker and the user's ``stop`` strings and, while
   streaming, holds back any tail that could still become one, so no marker ever reaches a client.
 - :func:`completion_body`, :func:`chunk_body` and :func:`sse` build the response objects.
@@ -16,18 +19,29 @@ OpenAI error shape ``{"error": {"message", "type", "param", "code"}}``.
 
 # No `from __future__ import annotations`: pydantic resolves these annotations in Serve replicas too.
 import json
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from steerray.attributes import DEFAULT_STEERING, LabelError, parse_label, steering_label
-from steerray.templates import MARKERS, STOP_STRING, SYSTEM_PROMPT, ConversationError, generation_prompt
+from steerray.templates import (
+    MARKERS,
+    STOP_STRING,
+    SYSTEM_PROMPT,
+    ConversationError,
+    check_text_markers,
+    generation_prompt,
+)
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256  # per stop string (ChatLimits.max_stop_chars)
 MAX_CHOICES = 8
+MAX_JSON_DEPTH = 32
+MAX_INT_DIGITS = 32  # more digits than any field's range needs; Python refuses > 4300 with a ValueError
 # Request fields of the OpenAI API that steerray does not implement: refused when set, never ignored.
 UNSUPPORTED = {"tools": None, "tool_choice": None, "functions": None, "function_call": None,
                "logit_bias": None, "logprobs": False, "top_logprobs": None, "audio": None,
@@ -66,27 +80,32 @@ class ChatMessage(BaseModel):
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class SamplingFields(BaseModel):
     """Generation knobs shared by the OpenAI route and the native ``/generate``."""
 
     model_config = ConfigDict(extra="ignore")
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
+    # Strict ints and bools: "2" or "yes" is a 400 (pydantic's lax mode would take them).
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
     temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i samples with seed + i
+    seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i: seed + i
     stop: str | list[str] | None = None
     steering: dict[str, Any] | None = None  # steerray's extension: attribute -> 0..4
 
-    def stop_list(self) -> list[str]:
+    def stop_list(self, max_chars: int = MAX_STOP_CHARS) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise RequestError(400, f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS}", param="stop")
         if any(not s for s in stops):
             raise RequestError(400, "'stop' strings must not be empty", param="stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > max_chars:
+            raise RequestError(400, f"a 'stop' string has {longest} characters; at most {max_chars}", param="stop",
+                               code="stop_too_long")
         return stops
 
     def requested_max_tokens(self) -> int | None:
@@ -96,8 +115,8 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     model: str | None = None
     messages: list[ChatMessage]
-    n: int = Field(1, ge=1, le=MAX_CHOICES)
-    stream: bool = False
+    n: StrictInt = Field(1, ge=1, le=MAX_CHOICES)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
 
@@ -115,20 +134,77 @@ def _param(loc: Sequence[Any]) -> str:
     return ".".join(str(p) for p in loc) or "body"
 
 
-def parse_request(model: type[BaseModel], raw: bytes | str | Mapping[str, Any]) -> Any:
-    """Bytes (or a decoded object) -> a validated request, or :class:`RequestError` naming the field."""
-    if isinstance(raw, (bytes, str)):
-        try:
-            data = json.loads(raw or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
-    else:
-        data = raw
+def _bounded_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise RequestError(400, f"request body has an integer of {len(digits)} digits; at most {MAX_INT_DIGITS}",
+                           code="invalid_json")
+    return int(digits)
+
+
+def _finite_float(digits: str) -> float:
+    value = float(digits)
+    if not math.isfinite(value):  # 1e999: it could not be written back as JSON either
+        raise RequestError(400, f"request body has a number out of range: {digits[:40]}", code="invalid_json")
+    return value
+
+
+def _no_constant(name: str) -> float:
+    raise RequestError(400, f"request body is not valid JSON: {name} is not a JSON number", code="invalid_json")
+
+
+def decode_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON (RFC 8259) -> Python, or a 400 :class:`RequestError` saying why.
+
+    UTF-8 only; no NaN/Infinity nor numbers that overflow to them; integers of at most :data:`MAX_INT_DIGITS` digits; nesting at most
+    ``max_depth``; strings (keys too) must be valid Unicode: a lone surrogate such as ``"\ud800"`` is
+    legal JSON syntax but cannot be encoded again, and would fail later inside the tokenizer.
+    """
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        data = json.loads(text or "null", parse_int=_bounded_int, parse_float=_finite_float,
+                          parse_constant=_no_constant)
+    except UnicodeDecodeError as err:
+        raise RequestError(400, f"request body is not UTF-8: byte {err.start} is invalid", code="invalid_json") from None
+    except RecursionError:
+        raise RequestError(400, f"request body is nested too deeply (at most {max_depth} levels)",
+                           code="invalid_json") from None
+    except json.JSONDecodeError as err:
+        raise RequestError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    _check_tree(data, max_depth)
+    return data
+
+
+def _check_tree(data: Any, max_depth: int) -> None:
+    """Depth and valid strings over the decoded tree, iteratively (a deep tree must not recurse here)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, str):
+            _check_string(node)
+        elif isinstance(node, (dict, list)):
+            if depth > max_depth:
+                raise RequestError(400, f"request body is nested too deeply (at most {max_depth} levels)",
+                                   code="invalid_json")
+            if isinstance(node, dict):
+                for key in node:
+                    _check_string(key)
+            stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+
+
+def _check_string(text: str) -> None:
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"request body has a string with a lone surrogate (\\u{ord(text[err.start]):04x}); "
+                                "JSON strings must be valid Unicode", code="invalid_json") from None
+
+
+def validate_model(model: type[BaseModel], data: Any) -> Any:
+    """A decoded JSON object -> a validated ``model``, or :class:`RequestError` naming the first bad field."""
     if not isinstance(data, dict):
         raise RequestError(400, "request body must be a JSON object", code="invalid_json")
-    for name, default in UNSUPPORTED.items():
-        if data.get(name, default) not in (default, None):
-            raise RequestError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
     try:
         return model.model_validate(data)
     except ValidationError as err:
@@ -137,6 +213,17 @@ def parse_request(model: type[BaseModel], raw: bytes | str | Mapping[str, Any]) 
         more = f" (and {len(err.errors()) - 1} more problems)" if len(err.errors()) > 1 else ""
         raise RequestError(400, f"{where}: {problem.get('msg', 'invalid')}{more}", param=where,
                            code="invalid_request") from None
+
+
+def parse_request(model: type[BaseModel], raw: bytes | str | Mapping[str, Any], *,
+                  max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Bytes (or a decoded object) -> a validated OpenAI-style request, or :class:`RequestError` naming the field."""
+    data = decode_json(raw, max_depth=max_depth) if isinstance(raw, (bytes, str)) else raw
+    if isinstance(data, dict):
+        for name, default in UNSUPPORTED.items():
+            if data.get(name, default) not in (default, None):
+                raise RequestError(400, f"'{name}' is not supported by this server", param=name, code="unsupported")
+    return validate_model(model, data)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,12 +260,22 @@ def split_system(messages: Sequence[ChatMessage]) -> tuple[str, list[dict[str, s
     return system, [{"role": m.role, "content": m.text()} for m in rest]
 
 
+def check_message_markers(messages: Sequence[ChatMessage]) -> None:
+    """400 naming ``messages.i`` when a message holds a SteerLM marker (it could add a label line or turns)."""
+    for i, message in enumerate(messages):
+        try:
+            check_text_markers(message.text(), f"messages.{i}")
+        except ConversationError as err:
+            raise RequestError(400, str(err), param=f"messages.{i}", code="template_markers") from None
+
+
 def render_messages(messages: Sequence[ChatMessage], label: str) -> str:
+    check_message_markers(messages)
     system, turns = split_system(messages)
     if not turns:
         raise RequestError(400, "'messages' holds no user message", param="messages", code="empty_messages")
     try:
-        return generation_prompt(turns, label, system=system)
+        return generation_prompt(turns, label, system=system, allow_flattened_turns=False)
     except ConversationError as err:
         raise RequestError(400, f"messages: {err}", param="messages", code="invalid_messages") from None
 
@@ -210,6 +307,14 @@ def answer_budget(prompt_tokens: int, requested: int | None, max_model_len: int,
                                 f"context window of {max_model_len} tokens", param="max_tokens",
                            code="context_length_exceeded")
     return requested if requested is not None else min(default, room)
+
+
+def check_generation_cost(n: int, max_tokens: int, limit: int) -> None:
+    """400 when ``n`` answers of ``max_tokens`` each exceed the server's ``limit`` of generated tokens."""
+    if n * max_tokens > limit:
+        raise RequestError(400, f"n ({n}) x max_tokens ({max_tokens}) = {n * max_tokens} tokens is over this "
+                                f"server's limit of {limit} generated tokens per request; lower n or max_tokens",
+                           param="max_tokens", code="too_many_tokens")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """The reward model behind Ray Serve: one deployment, a FastAPI ingress, dynamic batching per text.
 
-Routes (OpenAPI docs at ``/docs``):
+Routes (the OpenAPI schema at ``/openapi.json``; no ``/docs`` page, which would load Swagger UI from a CDN):
 
 - ``POST /score`` with ``{"texts": [...]}`` (templated prompts ending in ``<extra_id_2>``) or
   ``{"conversations": [...]}`` (SteerLM conversations); answers per item the raw predictions and the label
   string (clipped to 0-4, rounded half to even). Conversations go through the same
-  :mod:`steerray.annotation` functions as the offline annotator.
+  :mod:`steerray.annotation` functions as the offline annotator, template-marker check included; texts
+  must be well-formed SteerLM prompts (markers only where the template puts them).
 - ``GET /health``: model attributes and max length (no token needed).
 - ``GET /stats``: batches this replica ran and their sizes (token needed when one is set).
 
@@ -13,6 +14,9 @@ Every text of every request is one item for ``@serve.batch``: concurrent request
 included, share forward passes. ``max_batch_size`` and ``batch_wait_timeout_s`` come from the
 deployment's ``user_config``, so ``serve.run`` with a new config retunes a running app without
 reloading the model. Bad input is answered 4xx with the JSON error shape of :mod:`steerray.serving.http`.
+What a request may cost (body size, scored turns and their characters, texts in flight, time) is a
+:class:`steerray.serving.limits.RewardLimits`; the cost of a conversation is counted per scored turn,
+history included, before any prompt is built.
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, also in
@@ -21,20 +25,40 @@ import asyncio
 import collections
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import Depends, FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from ray import serve
 
 from steerray.annotation import load_predictor, plan_scoring, threads_for, turn_label
 from steerray.auth import token_digest
 from steerray.config import ServeRewardConfig
 from steerray.errors import SteerrayError
-from steerray.serving.http import ApiError, bearer_guard, install_error_handlers
-from steerray.templates import LABEL_START, ConversationError, validate_conversation
+from steerray.serving import openai_schema as oa
+from steerray.serving.http import (
+    ApiError,
+    GuardMiddleware,
+    RequestGuard,
+    Slots,
+    bearer_guard,
+    install_error_handlers,
+    internal_error,
+)
+from steerray.serving.limits import RewardLimits
+from steerray.templates import (
+    ASSISTANT_ROLE,
+    LABEL_START,
+    SYSTEM_PROMPT,
+    ConversationError,
+    check_reward_text,
+    system_block,
+    turn_header,
+    validate_conversation,
+)
 
 log = logging.getLogger("steerray.serving.reward")
 
@@ -42,16 +66,20 @@ class ServeStartError(SteerrayError, RuntimeError):
     """The app was deployed but cannot be reached where the config says."""
 
 
-# Per replica process: the digest the bearer guard checks (set by the replica's constructor).
+# Per replica process: the digest the bearer guard checks and the request guard's limits (both set by
+# the replica's constructor).
 _AUTH: dict[str, str | None] = {"digest": None}
 require_token = bearer_guard(lambda: _AUTH["digest"])
+_GUARD = RequestGuard()
 
 app = FastAPI(
     title="steerray reward model",
     description="SteerLM attribute reward model: score templated texts or conversations, get label strings.",
     version="1",
+    docs_url=None, redoc_url=None,  # both pages load JavaScript from a CDN; /openapi.json stays
 )
 install_error_handlers(app)
+app.add_middleware(GuardMiddleware, guard=_GUARD)
 
 
 class ScoreRequest(BaseModel):
@@ -62,10 +90,33 @@ class ScoreRequest(BaseModel):
     conversations: list[dict[str, Any]] | None = Field(None, description="SteerLM conversation records")
     truncation: Literal["error", "left"] = Field(
         "error", description="over-long inputs: 'error' (400) or 'left' (keep the last max_length tokens)")
-    keep_human_labels: bool = Field(False, description="conversations: keep human label values, fill the rest")
-    all_assistant_turns: bool = Field(
+    keep_human_labels: StrictBool = Field(False, description="conversations: keep human label values, fill the rest")
+    all_assistant_turns: StrictBool = Field(
         True, description="conversations: score every Assistant turn (False: only turns with a label key, "
                           "as the offline annotator does)")
+
+
+# The route reads its body itself (strict JSON, off the event loop); the schema still documents it.
+SCORE_BODY = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": ScoreRequest.model_json_schema()}}}}
+
+
+def scoring_cost(conversations: Sequence[Mapping[str, Any]], all_assistant_turns: bool) -> tuple[int, int]:
+    """``(scored turns, characters the model reads)`` of validated conversations, before building prompts.
+
+    Each scored turn's prompt repeats the whole history before it (the rule of
+    :func:`steerray.templates.reward_prompts`), so characters grow with the square of the turns.
+    """
+    turns = chars = 0
+    for conversation in conversations:
+        prefix = len(system_block(SYSTEM_PROMPT))
+        for turn in conversation["conversations"]:
+            prefix += len(turn_header(turn["from"])) + len(turn["value"]) + 1
+            labelled = "label" in turn and turn["label"] is not None
+            if turn["from"] == ASSISTANT_ROLE and (all_assistant_turns or labelled):
+                turns += 1
+                chars += prefix + len(LABEL_START)
+    return turns, chars
 
 
 class TextResult(BaseModel):
@@ -95,7 +146,11 @@ class RewardDeployment:
 
     def __init__(self, model_dir: str, *, max_length: int | None = None, token_sha256: str | None = None,
                  precision: str = "auto", threads: int | None = None, max_items_per_request: int = 1024,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, bind_host: str = "127.0.0.1",
+                 limits: RewardLimits | None = None) -> None:
+        self.limits = limits or RewardLimits()
+        _GUARD.configure(bind_host, self.limits)
+        self.slots = Slots(self.limits.max_inflight_texts, self.limits.retry_after_s, "texts")
         self.predictor = load_predictor(model_dir, max_length=max_length, precision=precision, threads=threads,
                                         trust_remote_code=trust_remote_code)
         self.attributes = self.predictor.attributes
@@ -135,13 +190,25 @@ class RewardDeployment:
         return [(row.tolist(), bool(flag)) for row, flag in zip(predictions, truncated, strict=True)]
 
     async def _predict(self, texts: list[str]) -> tuple[np.ndarray, list[bool]]:
-        results = await asyncio.gather(*(self.score_text(text) for text in texts))
+        release = self.slots.take(len(texts))
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                results = await asyncio.gather(*(self.score_text(text) for text in texts))
+        except TimeoutError:
+            raise ApiError(503, f"scoring took longer than this server's limit of {self.limits.request_timeout_s:g} "
+                                "s; send fewer texts per request or retry later", code="request_timeout",
+                           headers={"Retry-After": str(self.limits.retry_after_s)}) from None
+        except Exception as err:  # the model failed: a request id for the client, the details for the log
+            raise internal_error("scoring failed", err) from None
+        finally:
+            release()
         predictions = np.asarray([r[0] for r in results], dtype=np.float32).reshape(len(texts), len(self.attributes))
         return predictions, [r[1] for r in results]
 
-    def _check_lengths(self, texts: list[str], names: list[str]) -> None:
+    async def _check_lengths(self, texts: list[str], names: list[str]) -> None:
         limit = self.predictor.max_length
-        for name, count in zip(names, self.predictor.token_counts(texts), strict=True):
+        counts = await asyncio.to_thread(self.predictor.token_counts, texts)  # tokenizing is slow: off the loop
+        for name, count in zip(names, counts, strict=True):
             if count > limit:
                 raise ApiError(400, f"{name} has {count} tokens, over max_length {limit}; send "
                                     f"\"truncation\": \"left\" to score its last {limit} tokens",
@@ -154,11 +221,13 @@ class RewardDeployment:
 
     @app.get("/stats", dependencies=[Depends(require_token)])
     async def get_stats(self) -> dict[str, Any]:
-        return {**self.stats, "recent_batch_sizes": list(self.recent_batch_sizes), "user_config": self.user_config}
+        return {**self.stats, "recent_batch_sizes": list(self.recent_batch_sizes), "user_config": self.user_config,
+                "busy": self.slots.refused, "in_flight": self.slots.used}
 
-    @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)])
-    async def score(self, body: ScoreRequest) -> dict[str, Any]:
+    @app.post("/score", response_model=ScoreResponse, dependencies=[Depends(require_token)], openapi_extra=SCORE_BODY)
+    async def score(self, request: Request) -> dict[str, Any]:
         self.stats["requests"] += 1
+        body = await self._parse(await request.body())
         if (body.texts is None) == (body.conversations is None):
             raise ApiError(400, "give exactly one of 'texts' or 'conversations'", code="invalid_request")
         items = body.texts if body.texts is not None else body.conversations
@@ -172,7 +241,27 @@ class RewardDeployment:
             return await self._score_texts(body.texts, body.truncation)
         return await self._score_conversations(body)
 
+    async def _parse(self, raw: bytes) -> ScoreRequest:
+        def parse() -> ScoreRequest:
+            return oa.validate_model(ScoreRequest, oa.decode_json(raw, max_depth=self.limits.max_json_depth))
+
+        try:  # off the loop: a body may be megabytes of texts
+            return await asyncio.to_thread(parse)
+        except oa.RequestError as err:
+            raise ApiError(err.status, err.message, code=err.code, param=err.param) from None
+
+    def _check_cost(self, field: str, turns: int, chars: int) -> None:
+        """413 when one request asks the model to read too much (checked before any prompt is built)."""
+        if turns > self.limits.max_scored_turns:
+            raise ApiError(413, f"{field} has {turns} texts to score; the limit is {self.limits.max_scored_turns} "
+                                "per request", code="too_many_turns", param=field)
+        if chars > self.limits.max_chars_per_request:
+            raise ApiError(413, f"{field} makes {chars} characters for the model to read (every scored turn repeats "
+                                f"its history); the limit is {self.limits.max_chars_per_request} per request",
+                           code="too_many_characters", param=field)
+
     async def _score_texts(self, texts: list[str], truncation: str) -> dict[str, Any]:
+        self._check_cost("texts", len(texts), sum(len(t) for t in texts))
         for i, text in enumerate(texts):
             if not text.strip():
                 raise ApiError(400, f"texts.{i} is empty", code="empty_text", param=f"texts.{i}")
@@ -180,8 +269,12 @@ class RewardDeployment:
                 raise ApiError(400, f"texts.{i} does not end with {LABEL_START!r}: the model reads its score "
                                     "there; render it with the SteerLM template or send 'conversations'",
                                code="not_templated", param=f"texts.{i}")
+            try:
+                check_reward_text(text, f"texts.{i}")
+            except ConversationError as err:
+                raise ApiError(400, str(err), code="template_markers", param=f"texts.{i}") from None
         if truncation == "error":
-            self._check_lengths(texts, [f"texts.{i}" for i in range(len(texts))])
+            await self._check_lengths(texts, [f"texts.{i}" for i in range(len(texts))])
         predictions, truncated = await self._predict(texts)
         results = [{"predictions": dict(zip(self.attributes, map(float, row), strict=True)),
                     "label": turn_label(row, self.attributes), "truncated": flag}
@@ -196,11 +289,12 @@ class RewardDeployment:
             except ConversationError as err:
                 raise ApiError(400, f"conversations.{i}: {err}", code="invalid_conversation",
                                param=f"conversations.{i}") from None
+        self._check_cost("conversations", *scoring_cost(conversations, body.all_assistant_turns))
         plan = plan_scoring(conversations, all_assistant_turns=body.all_assistant_turns)
         texts = plan.texts
         if body.truncation == "error" and texts:
             names = [f"conversations.{i} turn {p.turn_index}" for i, ps in enumerate(plan.prompts) for p in ps]
-            self._check_lengths(texts, names)
+            await self._check_lengths(texts, names)
         if texts:
             predictions, truncated = await self._predict(texts)
         else:
@@ -211,20 +305,26 @@ class RewardDeployment:
                             for a in annotated]}
 
 
-def build_app(config: ServeRewardConfig, token: str | None = None, *, use_gpu: bool = False) -> Any:
-    """The Serve application for ``config``; ``token`` (if any) is kept only as its SHA-256 digest."""
+def build_app(config: ServeRewardConfig, token: str | None = None, *, use_gpu: bool = False,
+              limits: RewardLimits | None = None) -> Any:
+    """The Serve application for ``config``; ``token`` (if any) is kept only as its SHA-256 digest.
+
+    ``limits``: what one request may cost (:class:`RewardLimits`; None: its defaults).
+    """
+    limits = limits or RewardLimits()
     threads = config.threads_per_replica or threads_for(config.cpus_per_replica)
     deployment = RewardDeployment.options(
         name="RewardModel",
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": 1 if use_gpu else 0},
         max_ongoing_requests=max(config.max_ongoing_requests, config.max_batch_size),
+        max_queued_requests=limits.max_queued_requests,  # past it Serve's proxy answers 503 + Retry-After
         user_config={"max_batch_size": config.max_batch_size, "batch_wait_timeout_s": config.batch_wait_timeout_s},
     )
     return deployment.bind(
         str(Path(config.model).resolve()), max_length=config.max_length, token_sha256=token_digest(token),
         precision=config.precision, threads=threads, max_items_per_request=config.max_items_per_request,
-        trust_remote_code=config.trust_remote_code)
+        trust_remote_code=config.trust_remote_code, bind_host=config.host, limits=limits)
 
 
 def server_url(config: ServeRewardConfig) -> str:
@@ -232,7 +332,8 @@ def server_url(config: ServeRewardConfig) -> str:
     return f"http://{host}:{config.port}{config.route_prefix.rstrip('/')}"
 
 
-def start_reward_server(config: ServeRewardConfig, token: str | None = None) -> str:
+def start_reward_server(config: ServeRewardConfig, token: str | None = None, *,
+                        limits: RewardLimits | None = None) -> str:
     """Start Serve's HTTP proxy on ``config.host:port`` (Ray must be up), deploy, and return the URL.
 
     Returns once the replicas are healthy. Stop with ``serve.delete(config.app_name)`` or ``serve.shutdown()``.
@@ -246,7 +347,8 @@ def start_reward_server(config: ServeRewardConfig, token: str | None = None) -> 
                                "pass the `model` folder that train-reward wrote")
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config, token, use_gpu=use_gpu), name=config.app_name, route_prefix=config.route_prefix)
+    serve.run(build_app(config, token, use_gpu=use_gpu, limits=limits), name=config.app_name,
+              route_prefix=config.route_prefix)
     url = server_url(config)
     wait_until_reachable(url)
     return url

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from steerray.config import ConfigError
+from steerray.data.sft import IGNORE_INDEX
 
 
 def accumulation_steps(global_batch: int, micro_batch: int, world_size: int) -> int:
@@ -125,3 +126,19 @@ def padding_efficiency(lengths: Sequence[int], micro_batches: Sequence[Sequence[
     real = sum(int(lengths[list(mb)].sum()) for mb in micro_batches)
     computed = sum(int(lengths[list(mb)].max()) * len(mb) for mb in micro_batches if len(mb))
     return real / computed if computed else 1.0
+
+
+def collate_sft(input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
+                multiple_of: int = 8) -> dict[str, Any]:
+    """Right-pad a micro-batch: ``input_ids`` with ``pad_id``, ``labels`` with IGNORE_INDEX, plus the mask.
+
+    Width rounds up to ``multiple_of`` (the reference pads to a multiple of 8). Labels are already shifted:
+    position t's label is the token after t, so use the loss with ``shift=False``.
+    """
+    import torch
+
+    ids, attention = pad_batch(input_ids, pad_id, side="right", multiple_of=multiple_of)
+    target = torch.full_like(ids, IGNORE_INDEX)
+    for row, seq in enumerate(labels):
+        target[row, : len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
+    return {"input_ids": ids, "attention_mask": attention, "labels": target}

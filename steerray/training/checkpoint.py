@@ -9,6 +9,13 @@ checkpoint folder under the run's storage path:
 - ``trainer_state.pt`` (rank 0): step, scheduler state, whatever the job adds (``extra``);
 - ``rng_rank<r>.pt``: each worker's torch / numpy / python RNG states.
 
+Loading never unpickles arbitrary objects, so a tampered checkpoint folder cannot run code: the ``.pt``
+files hold only tensors and plain containers (numpy's and python's RNG states are stored as lists) and
+load with ``torch.load(weights_only=True)``; the DCP metadata is read with an unpickler that allows only
+DCP's own metadata classes, and DCP's non-tensor items (optimizer hyper-parameters) load with
+``weights_only=True`` too. A refused file raises :class:`CheckpointRefused`. (The DeepSpeed layout is
+read by DeepSpeed's own ``load_checkpoint``, outside this module's control.)
+
 Resuming: ``restore()`` reads ``ray.train.get_checkpoint()``, which Ray Train sets after a worker died
 (``FailureConfig(max_failures)``) and when the same run (``RunConfig(name, storage_path)``) is started again,
 so re-running the same command continues from the last checkpoint. Frozen weights are not saved (they
@@ -19,9 +26,12 @@ Outside Ray Train (benchmarks, unit tests) the manager is disabled and ``restore
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +46,10 @@ FINGERPRINT_FILE = "fingerprint.json"
 
 class CheckpointMismatch(SteerrayError, RuntimeError):
     """Checkpoints in the output folder come from a run with a different model, data or loss."""
+
+
+class CheckpointRefused(SteerrayError, RuntimeError):
+    """A checkpoint file holds objects a safe load does not accept (altered, or written by old code)."""
 
 
 @dataclass
@@ -58,24 +72,56 @@ def in_ray_train() -> bool:
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's torch, numpy and python RNG states as tensors, lists and numbers (safe to load)."""
     import numpy as np
     import torch
 
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    kind, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": str(kind), "key": [int(k) for k in key], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": int(version), "internal": list(internal), "gauss_next": gauss_next},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned: the next random numbers are those that would have followed."""
     import numpy as np
     import torch
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], np.asarray(npy["key"], dtype=np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def safe_torch_load(path: Path) -> Any:
+    """``torch.load`` accepting only tensors and plain data; anything else is :class:`CheckpointRefused`."""
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise _refused(str(path), Path(path).parent, err) from None
+
+
+def _refused(what: str, folder: Path, err: Exception) -> CheckpointRefused:
+    # torch's message is a page of advice; the line naming the refused global is what tells what happened.
+    text = str(err).strip()
+    found = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please|\n|$)", text)
+    why = found.group(1) if found else (text.splitlines()[0][:300] if text else type(err).__name__)
+    return CheckpointRefused(
+        f"{what} holds objects a safe load refuses ({why}). The checkpoint was altered or written by an "
+        f"older steerray; delete the checkpoint folder {folder} to start the run over")
 
 
 class CheckpointManager:
@@ -127,7 +173,8 @@ class CheckpointManager:
         torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
         if rank == 0:
             scheduler = self.stepper.scheduler.state_dict() if self.stepper.scheduler is not None else None
-            torch.save({"step": step, "scheduler": scheduler, "extra": extra}, folder / "trainer_state.pt")
+            state = {"step": step, "scheduler": _plain(scheduler), "extra": _plain(extra)}
+            torch.save(state, folder / "trainer_state.pt")
             (folder / "trainer_state.json").write_text(json.dumps({"step": step, **_jsonable(extra)}, indent=2))
 
     def report(self, metrics: dict[str, Any]) -> None:
@@ -163,27 +210,132 @@ class CheckpointManager:
 
     def load(self, folder: Path) -> Progress:
         """Load model, optimizer, schedule and RNG from a checkpoint folder (every worker)."""
-        import torch
-
         if self.strategy.kind == "deepspeed":
             self.stepper.engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
         else:
-            import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
             state = self._state_dicts()
-            dcp.load(state, checkpoint_id=str(folder / "model_optim"))
+            safe_dcp_load(state, folder / "model_optim")
             set_state_dict(self.prepared.module, self.stepper.optimizer, model_state_dict=state["model"],
                            optim_state_dict=state["optim"],
                            options=StateDictOptions(ignore_frozen_params=True, strict=False))
-        trainer_state = torch.load(folder / "trainer_state.pt", weights_only=False)
+        trainer_state = safe_torch_load(folder / "trainer_state.pt")
         if trainer_state.get("scheduler") is not None and self.stepper.scheduler is not None:
             self.stepper.scheduler.load_state_dict(trainer_state["scheduler"])
         rng_file = folder / f"rng_rank{self.strategy.rank}.pt"
         if rng_file.exists():  # a run restarted with more workers has no RNG for the new ranks
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(safe_torch_load(rng_file))
         self.last_saved_step = int(trainer_state["step"])
         return Progress(int(trainer_state["step"]), dict(trainer_state.get("extra") or {}))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars/arrays as python numbers/lists and unknown objects as strings.
+
+    What ``torch.load(weights_only=True)`` accepts: a job's ``extra`` may hold ``np.float32`` losses.
+    """
+    import numpy as np
+    import torch
+
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    if value is None or isinstance(value, (bool, int, float, str, bytes, torch.Tensor)):
+        return value
+    return str(value)
+
+
+# -- DCP without pickle's code execution ------------------------------------------------------------
+
+# Globals a DCP ``.metadata`` pickle names (torch 2.13, model + optimizer state, DDP and FSDP2 shards),
+# besides every class of torch.distributed.checkpoint.metadata and the torch dtypes.
+_DCP_METADATA_MODULE = "torch.distributed.checkpoint.metadata"
+_DCP_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Resolves only allow-listed globals: pickle runs whatever callable a global names."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import torch
+
+        if (module, name) in _DCP_ALLOWED:
+            return super().find_class(module, name)
+        if module in ("torch", _DCP_METADATA_MODULE):  # looking a name up runs nothing; calling it would
+            found = super().find_class(module, name)
+            own_class = isinstance(found, type) and found.__module__ == _DCP_METADATA_MODULE
+            if own_class or isinstance(found, torch.dtype):
+                return found
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in checkpoint metadata")
+
+
+def safe_dcp_reader(path: Path) -> Any:
+    """A DCP ``FileSystemReader`` for ``path`` whose metadata load allows only DCP's metadata classes."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            file = Path(self.path) / (".metadata" if rank is None else f"__{rank}.metadata")
+            try:
+                with open(file, "rb") as handle:
+                    metadata = _MetadataUnpickler(handle).load()
+            except (pickle.UnpicklingError, AttributeError, ImportError, EOFError) as err:
+                raise _refused(str(file), file.parent.parent, err) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def safe_dcp_planner(folder: Path) -> Any:
+    """A DCP ``DefaultLoadPlanner`` whose non-tensor items load with ``weights_only=True``.
+
+    ``folder`` (the DCP checkpoint's) only names the checkpoint in the error.
+    """
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:  # validate first: the parent class loads with weights_only=False
+                torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise _refused(f"{folder} (item {read_item.dest_index.fqn})", folder.parent, err) from None
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return SafePlanner()
+
+
+def safe_dcp_load(state: dict[str, Any], folder: Path) -> None:
+    """``dcp.load(state)`` from ``folder`` via the safe reader and planner; refusals: CheckpointRefused.
+
+    DCP folds a reader's or planner's exception into a ``CheckpointException`` (or an AssertionError
+    text): the metadata is read once up front and refusals are unwrapped, so the user sees the reason.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = safe_dcp_reader(folder)
+    if (folder / ".metadata").exists():
+        reader.read_metadata()
+    try:
+        dcp.load(state, storage_reader=reader, planner=safe_dcp_planner(folder))
+    except CheckpointException as err:
+        refused = [exc for exc, _ in err.failures.values() if isinstance(exc, CheckpointRefused)]
+        if refused:
+            raise refused[0] from None
+        raise
 
 
 def _jsonable(data: dict[str, Any]) -> dict[str, Any]:

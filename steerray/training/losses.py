@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 from steerray.attributes import IGNORE_VALUE
+from steerray.data.sft import IGNORE_INDEX  # token label that carries no loss (HF / NeMo convention)
 
-IGNORE_INDEX = -100  # token label that carries no loss (HF / NeMo convention)
 BT_KINDS = ("scaled_bt", "regular_bt", "margin_bt")
 
 

@@ -3,11 +3,18 @@
 Inputs (spec section 3, written by ``steerray prepare``)::
 
     DIR/regression/{train,val}.jsonl   {"text": "...<extra_id_2>", "label": [9 floats, -100 = missing]}
-    DIR/preference/{train,val}.jsonl   {"id": str, "chosen": text, "rejected": text, "strength": float >= 0}
+    DIR/preference/{train,val}.jsonl   {"id": str, "chosen": text, "rejected": text, "strength": float >= 0,
+                                        "tie": bool (optional; a tie has strength 0)}
 
 Validation runs on the driver, before any worker starts: every bad row is counted and kept with its
 file, line and reason for ``rejects.jsonl``; a file with no usable row is an error naming it. Labels are
 always 9 long in canonical order; a run on a subset of attributes keeps only those columns.
+
+Ties (strength 0): ``scaled_bt`` weighs a pair by its strength, so a tie adds nothing to the loss sum
+and is kept (it still counts in the mean's denominator, exactly as in NeMo-Aligner, so loss values match
+the reference). ``regular_bt`` and ``margin_bt`` have no tie term: they would train a tie as a preference
+for whichever side prepare wrote first, so :func:`read_split` given ``loss`` skips ties for them and counts
+them by reason in ``SplitData.skipped``.
 
 Tokenization is a pure batch function for Ray Data's ``map_batches``: no BOS/EOS (as NeMo), and texts
 longer than ``max_length`` lose tokens from the LEFT so the read-out token at the end survives.
@@ -16,7 +23,6 @@ longer than ``max_length`` lose tokens from the LEFT so the read-out token at th
 from __future__ import annotations
 
 import functools
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,9 +32,12 @@ from typing import Any
 import numpy as np
 
 from steerray.attributes import ATTRIBUTE_INDEX, ATTRIBUTES, IGNORE_VALUE
+from steerray.data.readers import decode_json
 from steerray.errors import SteerrayError
 
 REGRESSION, PREFERENCE = "regression", "preference"
+# Bradley-Terry losses without a tie term: a tie would be trained as a preference, so it is skipped.
+TIE_SKIPPING_LOSSES = ("regular_bt", "margin_bt")
 
 
 class RewardDataError(SteerrayError, ValueError):
@@ -40,7 +49,20 @@ class SplitData:
     path: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     rejects: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # usable rows left out by design (ties)
     total: int = 0
+
+    def skipped_by_reason(self) -> dict[str, int]:
+        """How many rows were skipped, per reason (for the manifest)."""
+        return count_reasons(self.skipped)
+
+
+def count_reasons(entries: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """``{reason: count}`` of reject or skip entries, most frequent first."""
+    counts: dict[str, int] = {}
+    for entry in entries:
+        counts[entry["reason"]] = counts.get(entry["reason"], 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
 
 
 def data_kind(loss: str) -> str:
@@ -100,25 +122,44 @@ def preference_row_problem(row: Any) -> str | None:
     strength = row.get("strength", 1.0)
     if not _is_number(strength) or strength < 0:
         return f"'strength' must be a number >= 0, got {strength!r}"
+    tie = row.get("tie", False)
+    if not isinstance(tie, bool):
+        return f"'tie' must be true or false, got {tie!r}"
+    if tie and strength != 0:
+        return f"'tie' is true but 'strength' is {strength!r} (a tie has strength 0)"
     return None
 
 
-def read_split(path: Path, kind: str, attributes: Sequence[str], *, allow_empty: bool = False) -> SplitData:
+def tie_skip_reason(row: dict[str, Any], loss: str | None) -> str | None:
+    """Why a valid pair is left out for ``loss`` (None: it is used). Only ties, only for losses without a tie term."""
+    if loss in TIE_SKIPPING_LOSSES and float(row.get("strength", 1.0)) == 0:
+        return f"tie (strength 0): loss={loss} has no tie term and would train it as a preference"
+    return None
+
+
+def read_split(path: Path, kind: str, attributes: Sequence[str], *, allow_empty: bool = False,
+               loss: str | None = None) -> SplitData:
     """Parse and validate one jsonl file; rows keep their 1-based ``line`` (a stable order key).
 
-    A file without a usable row is an error (``allow_empty``: only an empty file is accepted, e.g. val).
+    A file without a usable row is an error (``allow_empty``: a file with no rows, or only skipped ties, is
+    accepted, e.g. val). ``loss``: the reward loss that will read the pairs; ties are skipped for ``regular_bt``/``margin_bt``.
     """
     split = SplitData(path)
     columns = [ATTRIBUTE_INDEX[a] for a in attributes]
-    with open(path, encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.strip():
                 continue
             split.total += 1
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                split.rejects.append({"file": str(path), "line": line_no, "reason": f"not valid JSON: {err.msg}"})
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                split.rejects.append({"file": str(path), "line": line_no, "reason": f"not UTF-8: {err.reason} "
+                                      f"at byte {err.start}"})
+                continue
+            row, why = decode_json(line)
+            if why:
+                split.rejects.append({"file": str(path), "line": line_no, "reason": why})
                 continue
             problem = regression_row_problem(row, attributes) if kind == REGRESSION else preference_row_problem(row)
             if problem:
@@ -127,11 +168,13 @@ def read_split(path: Path, kind: str, attributes: Sequence[str], *, allow_empty:
             if kind == REGRESSION:
                 split.rows.append({"line": line_no, "text": row["text"],
                                    "label": [float(row["label"][c]) for c in columns]})
+            elif skip := tie_skip_reason(row, loss):
+                split.skipped.append({"file": str(path), "line": line_no, "reason": skip, "id": row.get("id")})
             else:
                 split.rows.append({"line": line_no, "id": str(row.get("id", line_no)), "chosen": row["chosen"],
                                    "rejected": row["rejected"], "strength": float(row.get("strength", 1.0))})
-    if not split.rows and not (allow_empty and split.total == 0):
-        reasons = sorted({r["reason"] for r in split.rejects})[:3]
+    if not split.rows and not (allow_empty and split.total == len(split.skipped)):  # empty, or ties only
+        reasons = sorted({r["reason"] for r in split.rejects + split.skipped})[:3]
         raise RewardDataError(f"{path}: no usable row among {split.total}" +
                               (f" (e.g. {'; '.join(reasons)})" if reasons else " (the file is empty)"))
     return split

@@ -46,9 +46,8 @@ def _megatron_cosine(step: int, lr: float, min_lr: float, warmup_steps: int, dec
 
 
 def check_schedule(optim: OptimConfig, max_steps: int) -> None:
-    """Reject schedules NeMo would reject (min_lr above lr, warm-up + constant longer than the run)."""
-    if optim.min_lr > optim.lr:
-        raise ConfigError(f"optim.min_lr={optim.min_lr} is above optim.lr={optim.lr}")
+    """Reject a warm-up + constant phase longer than the run's real step count (``train.epochs_cap`` can
+    stop a run before ``train.max_steps``; ``OptimConfig`` itself rejects ``min_lr`` above ``lr``)."""
     if optim.warmup_steps + optim.constant_steps > max_steps:
         raise ConfigError(f"optim.warmup_steps ({optim.warmup_steps}) + optim.constant_steps "
                           f"({optim.constant_steps}) exceed train.max_steps ({max_steps})")

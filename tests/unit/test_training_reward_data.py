@@ -35,7 +35,7 @@ def test_rows_are_validated_with_reasons(tmp_path):
     assert split.total == 7 and len(split.rows) == 2
     assert split.rows[0] == {"line": 1, "text": GOOD["text"], "label": [3.0, 1.0]}  # the chosen columns only
     reasons = {r["line"]: r["reason"] for r in split.rejects}
-    assert "not valid JSON" in reasons[2]
+    assert "malformed JSON" in reasons[2]
     assert "has 3 values, expected 9" in reasons[3]
     assert "'text' is missing or empty" in reasons[4]
     assert "no label for the trained attributes" in reasons[5]

@@ -1,8 +1,8 @@
 """The whole loop as data: which stages, their resolved configs wired folder to folder, and what can be skipped.
 
 A pipeline YAML names, per stage, a preset plus overrides; the pipeline owns the folders and sets each
-stage's input and output paths (``runs/NAME/<stage>/``). ``jobs/pipeline.py`` runs the plan; everything
-here is pure (files in, decisions out) and tested without Ray.
+stage's input and output paths (``runs/NAME/<stage>/``). ``steerray/stages/pipeline.py`` runs the plan;
+everything here is pure (files in, decisions out) and tested without Ray.
 
 Skipping: a stage is skipped when its folder holds a valid manifest for the same resolved config and its
 inputs' manifests are the ones it was run on (recorded in ``runs/NAME/pipeline_state.json``). A stage
@@ -25,45 +25,19 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from steerray import config as config_module
 from steerray.artifacts import CONFIG_FILE, MANIFEST, ManifestError, atomic_write_json, read_manifest
-from steerray.config import (
-    ConfigError,
-    PipelineConfig,
-    apply_overrides,
-    config_hash,
-    read_yaml,
-    resolve_preset,
-    validate_config,
-)
+from steerray.config import ConfigError, PipelineConfig, apply_overrides, config_hash, load_config
+from steerray.stages import ALIASES, PIPELINE_STAGES, STAGES, Stage
 
 STATE_FILE = "pipeline_state.json"
 SUMMARY_FILE = "summary.json"
 
 
-@dataclass(frozen=True)
-class StageDef:
-    name: str  # key in the pipeline YAML and folder under runs/NAME/
-    command: str  # the CLI verb that runs it alone
-    job: str  # jobs/<job>.py
-    config_class: str  # class name in steerray.config
-    optional: bool = False  # may be switched off with `enabled: false`
-
-
-STAGES: tuple[StageDef, ...] = (
-    StageDef("prepare", "prepare", "prepare", "PrepareConfig"),
-    StageDef("reward", "train-reward", "train_reward", "RewardConfig"),
-    StageDef("annotate", "annotate", "annotate", "AnnotateConfig"),
-    StageDef("sft", "train-sft", "train_sft", "SFTConfig"),
-    StageDef("bootstrap", "bootstrap", "bootstrap", "BootstrapConfig", optional=True),
-    StageDef("evaluate", "evaluate", "evaluate", "EvaluateConfig", optional=True),
-)
-STAGE_NAMES = tuple(s.name for s in STAGES)
-# Other spellings users may type in `STAGE.key=value` overrides and --rerun.
-ALIASES = {"train-reward": "reward", "train_reward": "reward", "train-sft": "sft", "train_sft": "sft"}
+STAGE_NAMES = PIPELINE_STAGES
 
 
 def stage_name(text: str) -> str:
+    """A pipeline stage's folder name from any of its spellings (``train-sft``, ``train_sft``, ``sft``)."""
     name = ALIASES.get(text, text)
     if name not in STAGE_NAMES:
         raise ConfigError(f"unknown stage {text!r}; stages: {', '.join(STAGE_NAMES)}")
@@ -95,17 +69,21 @@ def apply_pipeline_overrides(data: dict[str, Any], overrides: Iterable[str]) -> 
 
 
 def load_pipeline_config(path: str | None, overrides: Iterable[str] = (), **fields: Any) -> PipelineConfig:
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        resolved = resolve_preset(path)
-        data, source = read_yaml(resolved), str(resolved)
-    overrides = list(overrides)
-    apply_pipeline_overrides(data, overrides)
-    data.update({k: v for k, v in fields.items() if v is not None})
-    if overrides:
-        source += " with overrides " + " ".join(overrides)
-    return validate_config(PipelineConfig, data, source)
+    """The one precedence order: defaults < preset or file < flags (``--run``) < overrides; stage overrides
+    (``sft.train.max_steps=20``) are collected into their stage's entry."""
+    raw = [o for o in overrides]
+    stage_overrides = [o for o in raw if _is_stage_override(o)]
+    config = load_config(PipelineConfig, path, [o for o in raw if not _is_stage_override(o)],
+                         stage_file="pipeline", **fields)
+    if not stage_overrides:
+        return config
+    data = apply_pipeline_overrides(config.model_dump(mode="json"), stage_overrides)
+    return load_config(PipelineConfig, None, [], **data)
+
+
+def _is_stage_override(override: str) -> bool:
+    head = override.partition("=")[0].strip().partition(".")[0]
+    return "." in override.partition("=")[0] and ALIASES.get(head, head) in STAGE_NAMES
 
 
 # --------------------------------------------------------------------------------------------------
@@ -114,7 +92,7 @@ def load_pipeline_config(path: str | None, overrides: Iterable[str] = (), **fiel
 
 @dataclass
 class PlannedStage:
-    stage: StageDef
+    stage: Stage
     folder: Path
     enabled: bool
     inputs: tuple[str, ...]  # upstream stages whose manifests this one reads
@@ -131,76 +109,66 @@ class PlannedStage:
 
 
 def run_dir(cfg: PipelineConfig) -> Path:
-    return Path(cfg.runs_dir) / cfg.run
+    """The run's folder, absolute: every stage config gets absolute paths, whatever folder a job runs in."""
+    return Path(cfg.runs_dir).expanduser().resolve() / cfg.run
 
 
 def wiring(cfg: PipelineConfig, dirs: Mapping[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
-    """Per stage: (input stages, the config keys the pipeline sets to connect the folders)."""
+    """Per stage: (input stages, the config keys the pipeline sets to connect the folders). Evaluate reads
+    the last fine-tuned model: bootstrap's when it is on, else SFT's."""
     final_sft = "bootstrap" if cfg.bootstrap.enabled else "sft"
-    return {
-        "prepare": ((), {"out": str(dirs["prepare"])}),
-        "reward": (("prepare",), {"data": str(dirs["prepare"]), "out": str(dirs["reward"])}),
-        "annotate": (("prepare", "reward"), {"model": str(dirs["reward"] / "model"),
-                                             "input": str(dirs["prepare"] / "conversations"),
-                                             "out": str(dirs["annotate"])}),
-        "sft": (("annotate",), {"data": str(dirs["annotate"]), "out": str(dirs["sft"])}),
-        "bootstrap": (("annotate", "sft", "reward"), {
-            "data": str(dirs["annotate"]), "policy": str(dirs["sft"] / "model"),
-            "reward_model": str(dirs["reward"] / "model"), "out": str(dirs["bootstrap"])}),
-        "evaluate": (("prepare", "reward", final_sft), {
-            "reward_model": str(dirs["reward"] / "model"), "policy": str(dirs[final_sft] / "model"),
-            "data": str(dirs["prepare"]), "bootstrap": str(dirs["bootstrap"]) if cfg.bootstrap.enabled else None,
-            "out": str(dirs["evaluate"])}),
+    keys: dict[str, dict[str, Any]] = {
+        "prepare": {"out": str(dirs["prepare"])},
+        "reward": {"data": str(dirs["prepare"]), "out": str(dirs["reward"])},
+        "annotate": {"model": str(dirs["reward"] / "model"), "input": str(dirs["prepare"] / "conversations"),
+                     "out": str(dirs["annotate"])},
+        "sft": {"data": str(dirs["annotate"]), "out": str(dirs["sft"])},
+        "bootstrap": {"data": str(dirs["annotate"]), "policy": str(dirs["sft"] / "model"),
+                      "reward_model": str(dirs["reward"] / "model"), "out": str(dirs["bootstrap"])},
+        "evaluate": {"reward_model": str(dirs["reward"] / "model"), "policy": str(dirs[final_sft] / "model"),
+                     "data": str(dirs["prepare"]), "bootstrap": str(dirs["bootstrap"]) if cfg.bootstrap.enabled else None,
+                     "out": str(dirs["evaluate"])},
     }
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    inputs = {name: tuple(final_sft if (name, up) == ("evaluate", "sft") else up for up in STAGES[name].upstream)
+              for name in STAGE_NAMES}
+    return {name: (inputs[name], keys[name]) for name in STAGE_NAMES}
 
 
 def resolve_stages(cfg: PipelineConfig) -> list[PlannedStage]:
     """Every stage's config: preset + overrides + the pipeline's folders, validated. All problems at once."""
     root = run_dir(cfg)
-    dirs = {s.name: root / s.name for s in STAGES}
+    dirs = {name: root / name for name in STAGE_NAMES}
     wires = wiring(cfg, dirs)
     planned, problems = [], []
-    for stage in STAGES:
-        spec = getattr(cfg, stage.name)
-        inputs, wired = wires[stage.name]
+    for name in STAGE_NAMES:
+        stage, spec = STAGES[name], getattr(cfg, name)
+        inputs, wired = wires[name]
         if not spec.enabled and not stage.optional:
-            problems.append(f"{stage.name}: cannot be disabled (later stages read its output)")
+            problems.append(f"{name}: cannot be disabled (later stages read its output)")
             continue
-        item = PlannedStage(stage, dirs[stage.name], spec.enabled, inputs)
+        item = PlannedStage(stage, dirs[name], spec.enabled, inputs)
         planned.append(item)
         if not spec.enabled:
             continue
         try:
-            data, source = {}, "defaults"
-            if spec.preset:
-                preset = resolve_preset(spec.preset)
-                data, source = read_yaml(preset), str(preset)
-            touched = [o.partition("=")[0].strip() for o in spec.overrides]
-            clash = sorted(set(touched) & set(wired))
-            if clash:
-                raise ConfigError(f"{', '.join(clash)} is set by the pipeline (it wires the stage folders); "
-                                  "remove the override")
-            apply_overrides(data, spec.overrides)
-            for key, value in wired.items():
-                _set_dotted(data, key, value)
-            model = getattr(config_module, stage.config_class, None)
-            if model is None:
-                raise ConfigError(f"this steerray has no {stage.config_class} (stage {stage.name!r} not installed)")
-            item.config = validate_config(model, data, f"{stage.name}: {source}")
-            item.source = source + (" with " + " ".join(spec.overrides) if spec.overrides else "")
+            item.config = stage_config(stage, spec.preset, spec.overrides, wired)
+            item.source = (spec.preset or "defaults") + (" with " + " ".join(spec.overrides) if spec.overrides else "")
         except ConfigError as err:
-            problems.append(f"{stage.name}: {err}")
+            problems.append(f"{name}: {err}")
     if problems:
         raise ConfigError("the pipeline config has problems, nothing was started:\n" + "\n".join(problems))
     return planned
+
+
+def stage_config(stage: Stage, preset: str | None, overrides: list[str], wired: dict[str, Any]) -> BaseModel:
+    """One stage's config in the pipeline: its preset and overrides, the folders the pipeline wires."""
+    touched = [o.partition("=")[0].strip() for o in overrides]
+    clash = sorted(set(touched) & set(wired))
+    if clash:
+        raise ConfigError(f"{', '.join(clash)} is set by the pipeline (it wires the stage folders); "
+                          "remove the override")
+    config = load_config(stage.config, preset, overrides, stage_file=stage.name, **wired)
+    return config.with_absolute_paths()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,1 +1,0 @@
-"""CLI commands, one module per stage; `steerray.cli` wires them into one Typer app."""
