@@ -31,9 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from steerray.artifacts import atomic_path
 from steerray.attributes import LabelError, encode_label, parse_label, predictions_to_label
+from steerray.auth import auth_headers
 from steerray.data.readers import ReadTask, decode_json, decode_raw
 from steerray.errors import SteerrayError
+from steerray.models.reward import load_reward_model, predict_texts
 from steerray.templates import (
     ASSISTANT_ROLE,
     ConversationError,
@@ -187,8 +190,6 @@ class ModelPredictor:
         self.max_length, self.batch_size = max_length, batch_size
 
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
-        from steerray.models.reward import predict_texts
-
         return predict_texts(self.model, self.tokenizer, list(texts), max_length=self.max_length,
                              batch_size=self.batch_size)
 
@@ -215,8 +216,6 @@ def load_predictor(folder: str | Path, *, max_length: int | None = None, batch_s
     """
     import torch
 
-    from steerray.models.reward import load_reward_model
-
     on_gpu = torch.cuda.is_available()
     if threads and not on_gpu:
         torch.set_num_threads(threads)
@@ -237,8 +236,6 @@ class HttpPredictor:
     def __init__(self, url: str, token: str | None = None, *, timeout_s: float = 300.0,
                  retries: int = 5, chunk_size: int = 256) -> None:
         import httpx
-
-        from steerray.auth import auth_headers
 
         self.url = url.rstrip("/")
         self.client = httpx.Client(timeout=timeout_s, headers=auth_headers(token))
@@ -362,7 +359,7 @@ def annotate_rows(batch: Mapping[str, Any], predict: Predictor, attributes: Sequ
     parsed = [parse_conversation({"file": batch["file"][i], "line": int(batch["line"][i]),
                                   "raw": batch["raw"][i], "error": batch["error"][i]}) for i in range(n)]
     good = [i for i in range(n) if parsed[i][0] is not None]
-    annotated = score_conversations([parsed[i][0] for i in good], predict, attributes,
+    annotated = score_conversations([parsed[i][0] or {} for i in good], predict, attributes,
                                     keep_human_labels=keep_human_labels, all_assistant_turns=all_assistant_turns)
     outputs: list[str] = [""] * n
     turns, truncated, status = [0] * n, [0] * n, [REJECT] * n
@@ -417,8 +414,6 @@ def block_result(split: str, index: int, rows: Iterable[Mapping[str, Any]]) -> B
 
 def write_part(path: str | Path, result: BlockResult) -> None:
     """Write a block's part file atomically: it exists whole or not at all (the resume unit)."""
-    from steerray.artifacts import atomic_path
-
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         handle.write(json.dumps(result.header(), ensure_ascii=False) + "\n")
         for row in result.rows:

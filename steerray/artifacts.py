@@ -86,7 +86,7 @@ def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def write_jsonl(path: str | Path, rows: Iterator[Mapping[str, Any]] | list[Mapping[str, Any]]) -> int:
+def write_jsonl(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     """Write rows as JSON lines atomically (``ensure_ascii=False``, as NeMo's preprocessors do)."""
     count = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
@@ -109,10 +109,18 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def config_to_dict(config: BaseModel) -> dict[str, Any]:
+    return config.model_dump(mode="json")
+
+
+def config_hash(config: BaseModel | Mapping[str, Any]) -> str:
+    """Stable hash of a resolved config: equal configs, equal hashes (used to skip finished stages)."""
+    data = config_to_dict(config) if isinstance(config, BaseModel) else dict(config)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def write_manifest(out_dir: str | Path, stage: str, config: BaseModel | Mapping[str, Any], **sections: Any) -> Path:
     """Write ``manifest.json`` (stage, config hash, versions, then whatever sections the stage gives)."""
-    from steerray.config import config_hash, config_to_dict
-
     config_dict = config_to_dict(config) if isinstance(config, BaseModel) else dict(config)
     manifest = {
         "stage": stage,

@@ -111,7 +111,7 @@ def training_rows(kept: Sequence[tuple[Mapping[str, Any], int, float]], prompts:
     ``relabel="predicted"`` labels each answer with the reward model's label string over its attributes
     (clipped to 0-4, rounded half to even, as annotation does); ``"steering"`` keeps the sampling label.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for sample, copies, _ in kept:
         answer = str(sample.get("answer", ""))
         if not answer.strip():

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from steerray.attributes import steering_label
+from steerray.auth import auth_headers
 from steerray.errors import SteerrayError
 
 CHAT_HELP = "Commands: /steer name=value,...  /show  /reset  /quit"
@@ -115,8 +116,6 @@ class ChatSession:
 def run_chat(session: ChatSession, token: str | None, message: str | None = None) -> None:
     """Ask ``message`` once and return, or read turns from the terminal until /quit or end of input."""
     import httpx
-
-    from steerray.auth import auth_headers
 
     session.reset()
     headers = auth_headers(token)

@@ -16,10 +16,18 @@ from typing import Any
 
 import typer
 
+from steerray.attributes import LabelError, check_label_attributes
 from steerray.auth import DEFAULT_TOKEN_ENV
-from steerray.config import load_config
+from steerray.chat import ChatSession, parse_steering, run_chat
+from steerray.config import ConfigError, load_config
+from steerray.data.sft import locate_sft_data, render_trained, tokenized_view
 from steerray.errors import SteerrayError
+from steerray.models.loading import load_tokenizer
+from steerray.runtime import submit_job
 from steerray.stages import execute, get_stage
+from steerray.stages import pipeline as pipeline_stage
+from steerray.stages.planning import load_pipeline_config, stage_name
+from steerray.templates import ConversationError
 
 app = typer.Typer(
     name="steerray",
@@ -44,9 +52,6 @@ def fail(message: str, code: int = 2) -> None:
 def launch(stage_name: str, config: str | None, overrides: list[str] | None, address: str | None, *,
            token: str | None = None, **fields: Any) -> dict[str, Any]:
     """Load the stage's config once, then run it here or submit it as a Ray job."""
-    from steerray.config import ConfigError
-    from steerray.runtime import submit_job
-
     stage = get_stage(stage_name)
     try:
         resolved = load_config(stage.config, config, overrides or [], stage_file=stage.name, **fields)
@@ -59,7 +64,7 @@ def launch(stage_name: str, config: str | None, overrides: list[str] | None, add
     try:
         if address:
             secret = os.environ.get(token_env) if token_env else None
-            submit_job(stage.module, resolved, address, env_vars={token_env: secret} if secret else None)
+            submit_job(stage.module, resolved, address, env_vars={token_env: secret} if token_env and secret else None)
             return {}
         return execute(stage, resolved)
     except SteerrayError as err:
@@ -230,10 +235,6 @@ def pipeline(
                    "(runs_dir=/mnt/shared/runs)."),
 ) -> None:
     """Run prepare, train-reward, annotate, train-sft, bootstrap (optional) and evaluate, skipping finished stages."""
-    from steerray.config import ConfigError
-    from steerray.stages import pipeline as pipeline_stage
-    from steerray.stages.planning import load_pipeline_config, stage_name
-
     overrides = list(overrides or [])
     address = address or os.environ.get("RAY_ADDRESS")
     command = shlex.join(["steerray", "pipeline", "--config", config, *(["--run", run] if run else []),
@@ -254,8 +255,6 @@ def pipeline(
 
 
 def launch_resolved_pipeline(cfg: Any, address: str | None) -> None:
-    from steerray.runtime import submit_job
-
     try:
         if address:
             submit_job("pipeline", cfg, address)
@@ -293,8 +292,6 @@ def marked_text(text: str, trained: list[list[int]], colour: bool) -> str:
 
 def _input_lines(path: str) -> Iterator[tuple[str, int, str]]:
     """(file, line number, text) of every non-blank line: a jsonl file, or a folder's train.jsonl/val.jsonl."""
-    from steerray.data.sft import locate_sft_data
-
     files = locate_sft_data(path)
     for file in files.train + files.val:
         with open(file, encoding="utf-8") as handle:
@@ -328,11 +325,6 @@ def render_sft(
                                                 "attributes in label lines, as train-sft's label_attributes."),
 ) -> None:
     """Show exactly what SFT trains on: each conversation rendered, the parts that carry loss marked."""
-    from steerray.attributes import LabelError, check_label_attributes
-    from steerray.data.sft import render_trained, tokenized_view
-    from steerray.models.loading import load_tokenizer
-    from steerray.templates import ConversationError
-
     try:
         keep = check_label_attributes(label_attributes.split(",")) if label_attributes else None
     except LabelError as err:
@@ -383,8 +375,6 @@ def chat(
 ) -> None:
     """Chat with a steerray server in the terminal, streaming, steering changeable between turns."""
     import httpx
-
-    from steerray.chat import ChatSession, parse_steering, run_chat
 
     try:
         session = ChatSession(url.rstrip("/"), parse_steering(steering), system, max_tokens, temperature)

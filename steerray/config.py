@@ -12,16 +12,22 @@ the models, so they fail here, before Ray starts.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from typing_extensions import Self
 
-from steerray.attributes import ATTRIBUTES, check_attribute
+from steerray.attributes import (
+    ATTRIBUTES,
+    LabelError,
+    check_attribute,
+    check_label_attributes,
+    steering_label,
+)
+from steerray.data.sources import SourceError, parse_row_filter
 from steerray.errors import SteerrayError
 
 # Presets ship inside the package, so an installed wheel runs every stage from any folder.
@@ -41,7 +47,7 @@ class StrictModel(BaseModel):
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ()
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ()
 
-    def with_absolute_paths(self, base: Path | None = None) -> StrictModel:
+    def with_absolute_paths(self, base: Path | None = None) -> Self:
         """A copy whose path fields are absolute, resolved against ``base`` (the user's folder)."""
         base = base or Path.cwd()
         data = self.model_dump(mode="json")
@@ -148,8 +154,6 @@ class PrepareConfig(StrictModel):
     @field_validator("row_filter")
     @classmethod
     def _parsable_filter(cls, value: str | None) -> str | None:
-        from steerray.data.sources import SourceError, parse_row_filter
-
         if value is not None:
             try:
                 parse_row_filter(value)
@@ -159,7 +163,7 @@ class PrepareConfig(StrictModel):
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("out",)
 
-    def with_absolute_paths(self, base: Path | None = None) -> PrepareConfig:
+    def with_absolute_paths(self, base: Path | None = None) -> Self:
         """Also the LOCATION of ``NAME=LOCATION`` sources that name a local file or folder."""
         base = base or Path.cwd()
         copy = super().with_absolute_paths(base)
@@ -244,14 +248,11 @@ class SFTConfig(TrainStageConfig):
     @field_validator("label_attributes")
     @classmethod
     def _label_attributes(cls, value: list[str] | None) -> list[str] | None:
-        from steerray.attributes import check_label_attributes
-
         return None if value is None else list(check_label_attributes(value))
 
     @model_validator(mode="after")
     def _samples_steer_the_trained_label(self) -> SFTConfig:
         # Checked here, not when the samples are drawn: that is after training, and a typo would cost the run.
-        from steerray.attributes import LabelError, steering_label
 
         for index, steering in enumerate(self.sample_steering):
             try:
@@ -361,8 +362,6 @@ class BootstrapConfig(StrictModel):
     @field_validator("steering")
     @classmethod
     def _valid_steering(cls, value: dict[str, int]) -> dict[str, int]:
-        from steerray.attributes import steering_label
-
         steering_label(value)
         return value
 
@@ -540,7 +539,8 @@ def resolve_preset(path_or_name: str | Path, stage_file: str | None = None) -> P
     known = preset_names()
     if stage_file:
         known = [k for k in known if k.endswith(f"/{stage_file}")] or known
-    raise ConfigError(f"config {str(path_or_name)!r} is neither a YAML file nor a preset; presets: {', '.join(known)}")
+    raise ConfigError(f"config {str(path_or_name)!r} does not exist; presets: {', '.join(known)} "
+                      "(or give the path of a YAML file)")
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -649,15 +649,5 @@ def load_config(model: type[T], path: str | Path | None = None, overrides: Itera
     return validate_config(model, data, source)
 
 
-def config_to_dict(config: BaseModel) -> dict[str, Any]:
-    return config.model_dump(mode="json")
-
-
-def config_hash(config: BaseModel | Mapping[str, Any]) -> str:
-    """Stable hash of a resolved config: equal configs, equal hashes (used to skip finished stages)."""
-    data = config_to_dict(config) if isinstance(config, BaseModel) else dict(config)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def dump_yaml(config: BaseModel) -> str:
-    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

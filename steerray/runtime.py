@@ -23,13 +23,11 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import BaseModel
 
-from steerray.config import validate_config
+from steerray.config import load_config, validate_config
 from steerray.errors import SteerrayError
 
 LOOPBACK = "127.0.0.1"
@@ -145,20 +143,16 @@ def encode_config(config: BaseModel) -> str:
     return base64.urlsafe_b64encode(json.dumps(config.model_dump(mode="json")).encode()).decode()
 
 
-def config_from_argv(model: type[T], argv: list[str] | None, source: str) -> T:
-    """A job's ``--config FILE`` (YAML) or ``--config-b64 BLOB`` (JSON, from the CLI), validated."""
+def config_from_argv(model: type[T], argv: list[str] | None, source: str, stage_file: str | None = None) -> T:
+    """A job's ``--config FILE`` (a YAML file, or a shipped preset such as ``cluster/sft``) or ``--config-b64
+    BLOB`` (JSON, how the CLI submits a config it has loaded), validated."""
     parser = argparse.ArgumentParser(description=f"{source}: run one steerray stage")
     group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--config", help="the stage's YAML config (e.g. a run folder's config.yaml)")
+    group.add_argument("--config", help="the stage's YAML file (e.g. a run folder's config.yaml) or a preset")
     group.add_argument("--config-b64", help="the config as base64 JSON (how the steerray CLI submits jobs)")
     args = parser.parse_args(argv)
     if args.config:
-        path = Path(args.config)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise SteerrayError(f"--config {path}: cannot read it as YAML ({err})") from None
-        return validate_config(model, data, str(path))
+        return load_config(model, args.config, stage_file=stage_file)
     return validate_config(model, json.loads(base64.urlsafe_b64decode(args.config_b64)), source)
 
 

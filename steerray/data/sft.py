@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import numpy as np
 from steerray.attributes import restrict_label
 from steerray.data.readers import decode_json
 from steerray.errors import SteerrayError
+from steerray.models.loading import load_tokenizer
 from steerray.templates import Conversation, ConversationError, render_sft, validate_conversation
 
 IGNORE_INDEX = -100  # a token label that carries no loss (HF / NeMo convention)
@@ -142,8 +144,6 @@ def example_from_json(raw: str, tokenizer: Any, max_length: int,
 @functools.lru_cache(maxsize=4)
 def cached_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     """One tokenizer per process and model: Ray reuses worker processes across tasks."""
-    from steerray.models.loading import load_tokenizer
-
     return load_tokenizer(source, trust_remote_code=trust_remote_code)
 
 
@@ -204,6 +204,27 @@ def tokenized_view(rendered: Mapping[str, Any], tokenizer: Any, max_length: int 
     cut = offsets[kept - 1][1] if kept < len(offsets) and kept > 0 else len(rendered["text"])
     return {"text": rendered["text"][:cut], "trained": spans, "tokens": len(offsets),
             "truncated": kept < len(offsets)}
+
+
+COUNT_COLUMNS = ("file", "line", "split", "status", "reason", "truncated", "length")
+
+
+def count_rows(batches: Iterable[Mapping[str, Any]]) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Counts per split and status (``train_ok``, ``val_rejected``, ``train_tokens``, ...) of tokenized rows,
+    and one reject record (file, line, split, reason) per row that will not train, in file/line order."""
+    counts: Counter = Counter()
+    rejects = []
+    for batch in batches:
+        for file, line, split, status, reason, truncated, length in zip(*(batch[c] for c in COUNT_COLUMNS),
+                                                                         strict=True):
+            counts[f"{split}_{status}"] += 1
+            counts[f"{split}_truncated"] += int(truncated)
+            counts[f"{split}_tokens"] += int(length)
+            if status != STATUS_OK:
+                rejects.append({"kind": "rejected" if status == STATUS_REJECTED else "skipped", "file": str(file),
+                                "line": int(line), "split": str(split), "reason": str(reason)})
+    rejects.sort(key=lambda r: (r["file"], r["line"]))
+    return dict(sorted(counts.items())), rejects
 
 
 # --------------------------------------------------------------------------------------------------

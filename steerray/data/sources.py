@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.attributes import HELPSTEER_ATTRIBUTES, OASST_ATTRIBUTES, LabelError, encode_label, label_vector
+from steerray.data.readers import decode_raw
 from steerray.errors import SteerrayError
 from steerray.templates import (
     ASSISTANT_ROLE,
@@ -149,7 +150,7 @@ def conversation_rows(source: str, conversation: dict[str, Any], *, split: str, 
     """A conversation plus one regression record per labelled assistant turn (NeMo's converter)."""
     rows = [out_row(source, "conversation", conversation, split=split, group=group, file=file, line=line)]
     for prompt in reward_prompts(conversation, labelled_only=True):
-        rows.append(out_row(source, "regression", {"text": prompt.text, "label": label_vector(prompt.label)},
+        rows.append(out_row(source, "regression", {"text": prompt.text, "label": label_vector(prompt.label or "")},
                             split=split, group=group, file=file, line=line))
     return rows
 
@@ -405,7 +406,7 @@ def expand_oasst_messages(source: str, messages: list[dict[str, Any]], tree_id: 
 
 
 def _subtree_ids(node: dict[str, Any]) -> set[str]:
-    ids = {node.get("message_id")}
+    ids = {str(node.get("message_id"))}
     for reply in node.get("replies") or []:
         ids |= _subtree_ids(reply)
     return ids
@@ -418,7 +419,8 @@ def expand_oasst_tree(source: str, root: dict[str, Any], tree_id: str, *, split:
     paths: list[list[dict[str, Any]]] = []
 
     def where(node: dict[str, Any]) -> tuple[str, int]:
-        return tuple(node.get("_where") or (file, line))  # type: ignore[return-value]
+        found = node.get("_where")
+        return (str(found[0]), int(found[1])) if found else (file, line)
 
     def skip_subtree(node: dict[str, Any], reason: str) -> None:
         f, ln = where(node)
@@ -458,7 +460,7 @@ def expand_oasst_tree(source: str, root: dict[str, Any], tree_id: str, *, split:
 def _oasst_path_conversation(path: list[dict[str, Any]]) -> dict[str, Any]:
     turns = []
     for node in path:
-        role = OASST_ROLES.get(node.get("role"))
+        role = OASST_ROLES.get(str(node.get("role")))
         if role is None:
             raise RowError(f"message {node.get('message_id')} has unknown role {node.get('role')!r}")
         text = node.get("text")
@@ -466,13 +468,14 @@ def _oasst_path_conversation(path: list[dict[str, Any]]) -> dict[str, Any]:
             raise RowError(f"message {node.get('message_id')} has empty text")
         label = oasst_label(node.get("labels")) if role == ASSISTANT_ROLE else None
         turns.append({"from": role, "value": text, "label": label, "_has_labels": node.get("labels") is not None})
-    conversation = {"system": SYSTEM_PROMPT, "mask": USER_ROLE, "type": "VALUE_TO_TEXT", "conversations": []}
+    entries: list[dict[str, Any]] = []
+    conversation = {"system": SYSTEM_PROMPT, "mask": USER_ROLE, "type": "VALUE_TO_TEXT", "conversations": entries}
     for turn in turns:
         entry = {"from": turn["from"], "value": turn["value"]}
         # Unlabelled assistant messages carry no label key at all (the reference's distinction).
         if turn["from"] == USER_ROLE or turn["_has_labels"]:
             entry["label"] = turn["label"]
-        conversation["conversations"].append(entry)
+        entries.append(entry)
     try:
         validate_conversation(conversation)
     except ConversationError as err:
@@ -498,8 +501,6 @@ def convert_raw_row(source: str, raw_row: Mapping[str, Any], split: str,
 
     ``row_filter`` (from :func:`source_filter`) selects rows of the sources in :data:`FILTER_COLUMNS`.
     """
-    from steerray.data.readers import decode_raw
-
     if row_filter is not None and source not in FILTER_COLUMNS:
         raise SourceError(f"--filter does not apply to source {source!r}")
     options = {"row_filter": row_filter} if row_filter is not None else {}

@@ -358,3 +358,15 @@ def write_report(results: Mapping[str, Any], out_dir: str | Path) -> dict[str, P
     md_path = atomic_write_text(out_dir / "report.md", render_markdown(blocks, plots, out_dir))
     html_path = atomic_write_text(out_dir / "report.html", render_html(blocks, plots))
     return {"eval": json_path, "markdown": md_path, "html": html_path, **{f"plot_{k}": v for k, v in plots.items()}}
+
+
+def samples_markdown(title: str, prompts: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Answers to fixed prompts, grouped by prompt, one quoted block per steering setting."""
+    lines = [f"# {title}\n"]
+    for prompt in prompts:
+        lines.append(f"## {prompt}\n")
+        for r in (r for r in rows if r["prompt"] == prompt):
+            setting = ", ".join(f"{k}={v}" for k, v in r["steering"].items()) or "defaults"
+            quoted = "\n".join(f"> {line}" for line in (str(r["answer"]).strip() or "(empty)").splitlines())
+            lines.append(f"**{setting}** ({r['completion_tokens']} tokens, {r['finish_reason']}):\n\n{quoted}\n")
+    return "\n".join(lines)

@@ -511,16 +511,16 @@ def pairs_metrics(r_chosen: Sequence[float], r_rejected: Sequence[float], streng
     next to the decided pairs' ``decided_mean_abs_margin``.
     """
     chosen, rejected = np.asarray(r_chosen, dtype=np.float64), np.asarray(r_rejected, dtype=np.float64)
-    tie = np.asarray(tie, dtype=bool)
-    strength = np.where(tie, 0.0, np.abs(np.asarray(strength, dtype=np.float64)))
-    result = pairwise_metrics(chosen, rejected, strength)
-    decided, margin = ~tie, np.abs(chosen - rejected)
+    tied = np.asarray(tie, dtype=bool)
+    strengths = np.where(tied, 0.0, np.abs(np.asarray(strength, dtype=np.float64)))
+    result = pairwise_metrics(chosen, rejected, strengths)
+    decided, margin = ~tied, np.abs(chosen - rejected)
     correct = chosen > rejected
     result["equal_scores"] = int((chosen == rejected)[decided].sum())
     result["decided_mean_abs_margin"] = float(margin[decided].mean()) if decided.any() else None
-    result["ties"] = {"n": int(tie.sum()), "mean_abs_margin": float(margin[tie].mean()) if tie.any() else None}
+    result["ties"] = {"n": int(tied.sum()), "mean_abs_margin": float(margin[tied].mean()) if tied.any() else None}
     result["per_strength"] = _accuracy_by([fmt(float(s), 0 if float(s).is_integer() else 2)
-                                           for s in strength[decided]], correct[decided]) if decided.any() else {}
+                                           for s in strengths[decided]], correct[decided]) if decided.any() else {}
     if groups is not None and decided.any():
         result["per_group"] = _accuracy_by([g for g, d in zip(groups, decided, strict=True) if d], correct[decided])
     return result

@@ -20,7 +20,18 @@ from typing import Any
 
 import numpy as np
 
-from steerray.templates import ASSISTANT_ROLE, USER_ROLE, generation_prompt, make_conversation, reward_prompts
+from steerray.models.generation import generate_batch
+from steerray.models.loading import load_causal_lm, load_tokenizer
+from steerray.models.reward import load_reward_model, predict_texts
+from steerray.templates import (
+    ASSISTANT_ROLE,
+    STOP_STRING,
+    USER_ROLE,
+    generation_prompt,
+    make_conversation,
+    reward_prompts,
+    strip_generation,
+)
 
 SKIPPED = "prompt_too_long"
 
@@ -61,9 +72,6 @@ class SampleScorer:
                  reward_max_length: int = 1024, reward_batch_size: int = 16, threads: int | None = None) -> None:
         import torch
 
-        from steerray.models.loading import load_causal_lm, load_tokenizer
-        from steerray.models.reward import load_reward_model
-
         self.device = pick_device()
         if self.device == "cpu":
             # One actor per node on CPU: let it use the node's cores (Ray sets OMP threads to 1).
@@ -91,22 +99,17 @@ class SampleScorer:
         if self.vllm is not None:
             from vllm import SamplingParams
 
-            from steerray.templates import STOP_STRING, strip_generation
-
             params = SamplingParams(max_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
                                     seed=seed, stop=[STOP_STRING])
             outputs = self.vllm.generate(prompts, params, use_tqdm=False)
             return [(strip_generation(o.outputs[0].text), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
                      "length" if o.outputs[0].finish_reason == "length" else "stop") for o in outputs]
-        from steerray.models.generation import generate_batch
 
         results = generate_batch(self.policy, self.tokenizer, prompts, max_new_tokens=s["max_new_tokens"],
                                  temperature=s["temperature"], top_p=s["top_p"], seed=seed)
         return [(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason) for g in results]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from steerray.models.reward import predict_texts
-
         ids = [int(i) for i in batch["id"]]
         messages = [json.loads(m) for m in batch["messages"]]
         prompts = [generation_prompt(m, str(label)) for m, label in zip(messages, batch["label"], strict=True)]
@@ -121,7 +124,7 @@ class SampleScorer:
             seed = int(self.sampling["seed"]) + ids[chunk[0]]
             for i, result in zip(chunk, self._generate([prompts[i] for i in chunk], seed), strict=True):
                 answers[i] = result
-        scores = [{} for _ in prompts]
+        scores: list[dict[str, float]] = [{} for _ in prompts]
         if keep:
             texts = [reward_text(messages[i], answers[i][0]) for i in keep]
             preds, _ = predict_texts(self.reward, self.reward_tokenizer, texts, max_length=self.reward_max_length,
@@ -144,8 +147,6 @@ class TextScorer:
                  threads: int | None = None) -> None:
         import torch
 
-        from steerray.models.reward import load_reward_model
-
         device = pick_device()
         if device == "cpu":
             torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
@@ -154,8 +155,6 @@ class TextScorer:
         self.max_length, self.batch_size = max_length, batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from steerray.models.reward import predict_texts
-
         preds, truncated = predict_texts(self.model, self.tokenizer, [str(t) for t in batch["text"]],
                                          max_length=self.max_length, batch_size=self.batch_size)
         out = dict(batch)

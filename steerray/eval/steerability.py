@@ -52,7 +52,7 @@ def build_grid(prompts: Sequence[str], attributes: Sequence[str], values: Sequen
     Rows carry ``messages`` (OpenAI-style, for ``templates.generation_prompt``) so the generation and
     scoring code is the same one bootstrapping uses.
     """
-    rows = []
+    rows: list[dict[str, Any]] = []
     for prompt_id, prompt in enumerate(prompts):
         for attribute in attributes:
             check_attribute(attribute)
@@ -103,7 +103,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     """Spearman's rho (Pearson on average ranks), None where undefined."""
     if len(x) < 2:
         return None
-    return pearson(rank_average(x), rank_average(y))
+    return pearson(list(rank_average(x)), list(rank_average(y)))
 
 
 def slope(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -173,7 +173,7 @@ def summarize_grid(rows: Sequence[Mapping[str, Any]], measured_attributes: Seque
                                      "n": len(group)}
         cross[attribute] = {m: spearman(values, [float(r["scores"][m]) for r in group])
                             for m in measured_attributes}
-    summary = {"per_attribute": attributes, "cross": cross}
+    summary: dict[str, Any] = {"per_attribute": attributes, "cross": cross}
     if "verbosity" in by_attribute:
         group = by_attribute["verbosity"]
         values = [int(r["value"]) for r in group]

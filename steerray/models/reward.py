@@ -193,7 +193,8 @@ def predict_texts(model: Any, tokenizer: Any, texts: Sequence[str], *, max_lengt
     import torch
 
     device = next(model.parameters()).device
-    outputs, truncated = [], []
+    outputs: list[tuple[list[int], Any]] = []
+    truncated: list[tuple[int, bool]] = []
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths pad little
     with torch.no_grad():
         for start in range(0, len(order), batch_size):

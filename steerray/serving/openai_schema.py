@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, ValidationError
 
 from steerray.attributes import DEFAULT_STEERING, LabelError, parse_label, steering_label
 from steerray.templates import (
@@ -87,11 +87,11 @@ class SamplingFields(BaseModel):
     """Generation knobs shared by the OpenAI route and the native ``/generate``."""
 
     model_config = ConfigDict(extra="ignore")
-    # Strict ints and bools: "2" or "yes" is a 400 (pydantic's lax mode would take them).
+    # Strict numbers and bools: "2", "yes" or true is a 400 (pydantic's lax mode would take them).
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)  # the newer OpenAI name for max_tokens
-    temperature: float = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: StrictFloat = Field(1.0, ge=0, le=2)  # OpenAI's default; 0 = greedy
+    top_p: StrictFloat = Field(1.0, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i: seed + i
     stop: str | list[str] | None = None
     steering: dict[str, Any] | None = None  # steerray's extension: attribute -> 0..4
@@ -127,7 +127,7 @@ class GenerateRequest(SamplingFields):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     system: str | None = None
-    temperature: float = Field(0.0, ge=0, le=2)  # greedy by default: the native route is for inspection
+    temperature: StrictFloat = Field(0.0, ge=0, le=2)  # greedy by default: the native route is for inspection
 
 
 def _param(loc: Sequence[Any]) -> str:

@@ -25,6 +25,7 @@ from steerray.artifacts import (
     MANIFEST,
     RunLock,
     atomic_write_text,
+    config_hash,
     content_fingerprint,
     read_manifest,
     write_manifest,
@@ -41,9 +42,10 @@ from steerray.config import (
     ServeRewardConfig,
     SFTConfig,
     StrictModel,
-    config_hash,
     dump_yaml,
 )
+from steerray.errors import SteerrayError
+from steerray.runtime import config_from_argv
 
 
 @dataclass(frozen=True)
@@ -145,14 +147,11 @@ def write_config(out: Path, config: StrictModel) -> Path:
 
 
 def job_main(stage_name: str, argv: list[str] | None = None) -> dict[str, Any]:
-    """The entry point of a stage's Ray job: ``--config FILE`` (YAML) or ``--config-b64 BLOB`` (how the CLI
-    submits a config it has validated); the config is validated once here, then :func:`execute`."""
-    from steerray.errors import SteerrayError
-    from steerray.runtime import config_from_argv
-
+    """The entry point of a stage's Ray job: ``--config FILE_OR_PRESET`` or ``--config-b64 BLOB`` (how the
+    CLI submits a config it has loaded); the config is validated once here, then :func:`execute`."""
     stage = get_stage(stage_name)
     try:
-        config = config_from_argv(stage.config, argv, f"{stage.command} job")
+        config = config_from_argv(stage.config, argv, f"{stage.command} job", stage_file=stage.name)
         return execute(stage, config)
     except SteerrayError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

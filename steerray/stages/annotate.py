@@ -43,9 +43,9 @@ from steerray.annotation import (
     threads_for,
     write_part,
 )
-from steerray.artifacts import atomic_path, atomic_write_json, content_fingerprint, write_jsonl
+from steerray.artifacts import atomic_path, atomic_write_json, config_hash, content_fingerprint, write_jsonl
 from steerray.auth import token_from_env
-from steerray.config import AnnotateConfig, config_hash
+from steerray.config import AnnotateConfig
 from steerray.data.readers import read_task_rows
 from steerray.errors import SteerrayError
 from steerray.models.reward import RewardModelError, reward_model_attributes
@@ -118,6 +118,7 @@ class Annotator:
 def annotate_via_server(batch: dict[str, Any], config: dict[str, Any], token: str | None) -> dict[str, Any]:
     """Ray Data task body for ``via``: the same batch transform, scored by a running serve-reward."""
     cfg = AnnotateConfig.model_validate(config)
+    assert cfg.via is not None
     predict = HttpPredictor(cfg.via, token, timeout_s=cfg.timeout_s)
     return annotate_rows(batch, predict, predict.attributes, keep_human_labels=cfg.keep_human_labels,
                          all_assistant_turns=cfg.all_assistant_turns)
@@ -135,7 +136,7 @@ def run_blocks(config: AnnotateConfig, pending: list[Block], parts: Path, token:
     expected = {(b.split, b.index): b for b in pending}
     gathered: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     use_gpu = cluster_gpus() > 0
-    ds = ray.data.from_items([{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start,
+    ds: Any = ray.data.from_items([{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start,
                                "end": b.task.end, "first_line": b.task.first_line} for b in pending])
     ds = ds.flat_map(read_block)
     if config.via:

@@ -120,6 +120,7 @@ def grid_prompts(cfg: EvaluateConfig) -> list[str]:
 def steerability(cfg: EvaluateConfig, attributes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     steer = cfg.steerability
     prompts = grid_prompts(cfg)
+    assert cfg.policy is not None
     grid = build_grid(prompts, steer.attributes, steer.values, label_attributes=model_label_attributes(cfg.policy))
     for row in grid:
         row["messages"] = json.dumps(row["messages"], ensure_ascii=False)

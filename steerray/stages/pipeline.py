@@ -73,7 +73,7 @@ def run_stage(item: PlannedStage, cfg: PipelineConfig) -> None:
     if cfg.stage_address:
         runtime.submit_job(item.stage.module, item.config, cfg.stage_address)
     else:
-        execute(item.stage, item.config)
+        execute(item.stage, item.config)  # type: ignore[arg-type]  # stage configs are StrictModels
 
 
 def fail_stage(item: PlannedStage, cfg: PipelineConfig, err: BaseException) -> PipelineFailed:
@@ -194,7 +194,7 @@ def run_locked(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
     root.mkdir(parents=True, exist_ok=True)
     # The resolved pipeline config: `steerray pipeline --config runs/NAME/pipeline.yaml` resumes the run.
     atomic_write_text(root / "pipeline.yaml", dump_yaml(cfg.model_copy(update={"rerun": None})))
-    forced, outcomes, ran = forced_stages(planned, cfg.rerun), [], set()
+    forced, outcomes, ran = forced_stages(planned, cfg.rerun), [], set[str]()
     for index, item in enumerate(planned):
         decision = settle(item, state, current_fingerprints(planned), forced, ran)
         if not decision.runs:

@@ -25,8 +25,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from steerray.artifacts import CONFIG_FILE, MANIFEST, ManifestError, atomic_write_json, read_manifest
-from steerray.config import ConfigError, PipelineConfig, apply_overrides, config_hash, load_config
+from steerray.artifacts import (
+    CONFIG_FILE,
+    MANIFEST,
+    ManifestError,
+    atomic_write_json,
+    config_hash,
+    read_manifest,
+)
+from steerray.config import ConfigError, PipelineConfig, apply_overrides, load_config
 from steerray.stages import ALIASES, PIPELINE_STAGES, STAGES, Stage
 
 STATE_FILE = "pipeline_state.json"
@@ -283,7 +290,8 @@ def plan(planned: list[PlannedStage], state: Mapping[str, Any], force_from: str 
     """Decisions for the whole pipeline before anything runs (for --dry-run and the opening summary)."""
     fingerprints = current_fingerprints(planned)
     forced = _forced(planned, force_from)
-    decisions, will_run = [], set()
+    decisions: list[Decision] = []
+    will_run: set[str] = set()
     for item in planned:
         decision = settle(item, state, fingerprints, forced, will_run)
         if decision.runs:

@@ -28,6 +28,7 @@ from steerray.auth import check_exposure, token_from_env
 from steerray.config import ServeConfig
 from steerray.models.loading import resolve_model
 from steerray.runtime import init_ray, serve_until_stopped
+from steerray.serving.chat_app import start_chat_server
 from steerray.stages import StageResult, job_main
 
 
@@ -38,8 +39,6 @@ def check(config: ServeConfig) -> None:
 
 # 1. Start Serve's HTTP proxy and deploy the model (returns when the replicas are healthy).
 def start(config: ServeConfig) -> str:
-    from steerray.serving.chat_app import start_chat_server
-
     token = token_from_env(config.token_env)
     url = start_chat_server(config, token)
     auth = f"bearer token from ${config.token_env}" if token else f"no authentication (set ${config.token_env})"

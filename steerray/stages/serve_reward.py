@@ -31,6 +31,7 @@ from steerray.auth import check_exposure, token_from_env
 from steerray.config import ServeRewardConfig
 from steerray.models.reward import RewardModelError
 from steerray.runtime import init_ray, serve_until_stopped
+from steerray.serving.reward_app import start_reward_server
 from steerray.stages import StageResult, job_main
 
 
@@ -43,8 +44,6 @@ def check(config: ServeRewardConfig) -> None:
 
 # 1. Start Serve's HTTP proxy and deploy the reward model (returns when the replicas are healthy).
 def start(config: ServeRewardConfig) -> str:
-    from steerray.serving.reward_app import start_reward_server
-
     token = token_from_env(config.token_env)
     url = start_reward_server(config, token)
     auth = f"bearer token from ${config.token_env}" if token else f"no authentication (set ${config.token_env})"

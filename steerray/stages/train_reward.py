@@ -34,6 +34,7 @@ from steerray.stages import StageResult, job_main
 from steerray.training import reward_data as rd
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
+from steerray.training.losses import bradley_terry_loss, bradley_terry_sum, masked_mse_sum
 from steerray.training.strategy import deepspeed_available
 
 log = logging.getLogger("steerray")
@@ -43,6 +44,7 @@ log = logging.getLogger("steerray")
 class RewardTask(TrainTask):
     name = "train-reward"
     config_class = RewardConfig
+    config: RewardConfig
     trainable_modules = ("score",)
 
     @property
@@ -75,8 +77,6 @@ class RewardTask(TrainTask):
             return prepared.module(batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device))
 
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        from steerray.training.losses import bradley_terry_sum, masked_mse_sum
-
         preds = self.predict(prepared, batch)
         if self.kind == rd.REGRESSION:
             return masked_mse_sum(preds, batch["labels"])[0]
@@ -101,8 +101,6 @@ class RewardTask(TrainTask):
 
     def pair_metrics(self, gathered: list, rows: Any, index: np.ndarray) -> dict[str, Any]:
         import torch
-
-        from steerray.training.losses import bradley_terry_loss
 
         h = self.helpfulness
         chosen = np.concatenate([p[: len(i), h] for i, p in gathered])
@@ -142,23 +140,7 @@ def inputs(cfg: RewardConfig) -> list[str]:
         cfg.init_from or cfg.model.name]
 
 
-# 3. Validate rows (rejects with reasons), then tokenize with Ray Data (left truncation, counted).
-def tokenize(rows: list[dict[str, Any]], kind: str, tokenizer: str, max_length: int) -> Any:
-    import ray.data
-
-    fn = rd.tokenize_regression_batch if kind == rd.REGRESSION else rd.tokenize_preference_batch
-    blocks = max(1, min(16, len(rows) // 512))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    return ds.map_batches(fn, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-                          batch_size=256, num_cpus=0.5).materialize()
-
-
-def count_truncated(ds: Any) -> int:
-    # Reading a materialized column locally is instant; ds.sum() would plan an aggregation job.
-    return sum(int(b["truncated"].sum()) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
-
-
-# 4. The stage: read and check the data, tokenize, fit (resuming if checkpoints exist).
+# 3. The stage: read and check the data, tokenize (Ray Data), fit (resuming if checkpoints exist).
 def run(cfg: RewardConfig) -> StageResult:
     out, kind = Path(cfg.out), rd.data_kind(cfg.loss)
     train_file, val_file = rd.locate_split_files(cfg.data, kind)
@@ -172,10 +154,10 @@ def run(cfg: RewardConfig) -> StageResult:
         log.warning("%d rows rejected, %d skipped (reasons in %s)", len(rejects), len(skipped), out / "rejects.jsonl")
     tokenizer = cfg.init_from or resolve_model(cfg.model.name)
     init_ray()
-    datasets = {"train": tokenize(train.rows, kind, tokenizer, cfg.model.max_length)}
+    datasets = {"train": rd.tokenize_dataset(train.rows, kind, tokenizer, cfg.model.max_length)}
     if val and val.rows:
-        datasets["val"] = tokenize(val.rows, kind, tokenizer, cfg.model.max_length)
-    truncated = {split: count_truncated(ds) for split, ds in datasets.items()}
+        datasets["val"] = rd.tokenize_dataset(val.rows, kind, tokenizer, cfg.model.max_length)
+    truncated = {split: rd.count_truncated(ds) for split, ds in datasets.items()}
     if any(truncated.values()):
         log.warning("%s texts were longer than model.max_length=%d tokens and lost tokens from the left "
                     "(the read-out token at the end is kept)", truncated, cfg.model.max_length)

@@ -20,21 +20,23 @@ import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from steerray.artifacts import atomic_write_text, content_fingerprint, write_jsonl
 from steerray.attributes import LABEL_ATTRIBUTES_KEY, steering_label
 from steerray.config import SFTConfig
 from steerray.data import readers
 from steerray.data.sft import (
+    COUNT_COLUMNS,
     IGNORE_INDEX,
-    STATUS_OK,
-    STATUS_REJECTED,
     SFTDataError,
+    count_rows,
     is_val_row,
     locate_sft_data,
     tokenize_rows,
 )
+from steerray.eval.report import samples_markdown
+from steerray.models.generation import generate_batch
 from steerray.models.loading import load_causal_lm, resolve_model
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
@@ -42,6 +44,7 @@ from steerray.templates import generation_prompt
 from steerray.training.batching import collate_sft
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
+from steerray.training.losses import token_cross_entropy_sum
 
 COLUMNS = ["file", "line", "length", "input_ids", "labels"]
 
@@ -50,6 +53,7 @@ COLUMNS = ["file", "line", "length", "input_ids", "labels"]
 class SFTTask(TrainTask):
     name = "sft"
     config_class = SFTConfig
+    config: SFTConfig
     eval_at_start = True  # the report shows where validation loss started
 
     def build_model(self, strategy: Any) -> Any:
@@ -65,8 +69,6 @@ class SFTTask(TrainTask):
         return int((batch["labels"] != IGNORE_INDEX).sum())  # token-mean over the trained tokens
 
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        from steerray.training.losses import token_cross_entropy_sum
-
         with prepared.strategy.autocast():
             logits = prepared.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return token_cross_entropy_sum(logits, batch["labels"], shift=False)[0]  # labels shifted by the collate
@@ -95,12 +97,10 @@ class SFTTask(TrainTask):
 def write_samples(out: Path, cfg: SFTConfig, tokenizer: Any, device: Any, dtype: Any) -> int:
     """Greedy answers; ``sample_prompts: []`` skips them (a model too big for one device, e.g. the 70B
     recipe: sample it with the serve or evaluate stage instead)."""
-    from steerray.models.generation import generate_batch
-
     if not cfg.sample_prompts or not cfg.sample_steering:
         return 0
     model = load_causal_lm(str(out / "model"), dtype=dtype).to(device).eval()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for steering in cfg.sample_steering:
         label = steering_label(steering, attributes=cfg.label_attributes)
         prompts = [generation_prompt([{"role": "user", "content": p}], label) for p in cfg.sample_prompts]
@@ -109,14 +109,8 @@ def write_samples(out: Path, cfg: SFTConfig, tokenizer: Any, device: Any, dtype:
             rows.append({"prompt": prompt, "steering": steering, "label": label, "answer": answer.text,
                          "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason})
     write_jsonl(out / "samples.jsonl", rows)
-    lines = [f"# SFT samples ({cfg.model.name}, greedy, up to {cfg.sample_max_new_tokens} new tokens)\n"]
-    for prompt in cfg.sample_prompts:
-        lines.append(f"## {prompt}\n")
-        for r in (r for r in rows if r["prompt"] == prompt):
-            setting = ", ".join(f"{k}={v}" for k, v in r["steering"].items()) or "defaults"
-            quoted = "\n".join(f"> {line}" for line in (r["answer"].strip() or "(empty)").splitlines())
-            lines.append(f"**{setting}** ({r['completion_tokens']} tokens, {r['finish_reason']}):\n\n{quoted}\n")
-    atomic_write_text(out / "samples.md", "\n".join(lines))
+    title = f"SFT samples ({cfg.model.name}, greedy, up to {cfg.sample_max_new_tokens} new tokens)"
+    atomic_write_text(out / "samples.md", samples_markdown(title, cfg.sample_prompts, rows))
     return len(rows)
 
 
@@ -146,7 +140,7 @@ def tokenized_dataset(config: SFTConfig) -> Any:
             yield {**row, "split": split}
 
     raw = ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(read)
-    return raw.map_batches(tokenize_rows, fn_kwargs={
+    return raw.map_batches(cast(Any, tokenize_rows), fn_kwargs={
         "tokenizer_source": config.model.name, "max_length": config.model.max_length,
         "trust_remote_code": config.model.trust_remote_code, "label_attributes": config.label_attributes},
         batch_size=256, num_cpus=0.5).materialize()
@@ -154,25 +148,14 @@ def tokenized_dataset(config: SFTConfig) -> Any:
 
 def count_and_reject(dataset: Any, out: Path, data: str) -> dict[str, Any]:
     """Counts per split and status; rejected and untrained rows go to rejects.jsonl with their reason."""
-    counts: Counter = Counter()
-    rejects = []
-    columns = ["file", "line", "split", "status", "reason", "truncated", "length"]
-    for batch in dataset.select_columns(columns).iter_batches(batch_size=4096, batch_format="numpy"):
-        for file, line, split, status, reason, truncated, length in zip(*(batch[c] for c in columns), strict=True):
-            counts[f"{split}_{status}"] += 1
-            counts[f"{split}_truncated"] += int(truncated)
-            counts[f"{split}_tokens"] += int(length)
-            if status != STATUS_OK:
-                rejects.append({"kind": "rejected" if status == STATUS_REJECTED else "skipped", "file": str(file),
-                                "line": int(line), "split": str(split), "reason": str(reason)})
-    rejects.sort(key=lambda r: (r["file"], r["line"]))
+    batches = dataset.select_columns(list(COUNT_COLUMNS)).iter_batches(batch_size=4096, batch_format="numpy")
+    counts, rejects = count_rows(batches)
     write_jsonl(out / "rejects.jsonl", rejects)
-    counts_dict = dict(sorted(counts.items()))
-    if counts["train_ok"] == 0:
+    if counts.get("train_ok", 0) == 0:
         reasons = Counter(r["reason"].split(":")[0] for r in rejects).most_common(3)
         raise SFTDataError(f"no trainable conversation in {data}: every row was rejected or had nothing to train "
-                           f"on ({counts_dict}; top reasons: {reasons}); see {out / 'rejects.jsonl'}")
-    return counts_dict
+                           f"on ({counts}; top reasons: {reasons}); see {out / 'rejects.jsonl'}")
+    return counts
 
 
 # 4. The stage: data, the fit (resumable), the summary.

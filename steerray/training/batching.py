@@ -120,7 +120,7 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int, *, side: str = "r
     return ids, mask
 
 
-def padding_efficiency(lengths: Sequence[int], micro_batches: Sequence[Sequence[int]]) -> float:
+def padding_efficiency(lengths: Sequence[int] | np.ndarray, micro_batches: Sequence[Sequence[int]]) -> float:
     """Real tokens / computed tokens (padding included) for a set of micro-batches."""
     lengths = np.asarray(lengths)
     real = sum(int(lengths[list(mb)].sum()) for mb in micro_batches)

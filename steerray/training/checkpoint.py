@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from steerray.artifacts import atomic_write_json
 from steerray.errors import SteerrayError
 
 log = logging.getLogger("steerray")
@@ -360,7 +361,6 @@ def check_fingerprint(storage_dir: str | Path, fingerprint: dict[str, Any]) -> b
                 f"use another --out, or delete {storage} to start over")
         return any(storage.rglob("trainer_state.pt"))
     storage.mkdir(parents=True, exist_ok=True)
-    from steerray.artifacts import atomic_write_json
 
     atomic_write_json(path, fingerprint)
     return False

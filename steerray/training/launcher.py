@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from steerray.config import TrainLoopConfig, TrainStageConfig, config_to_dict
+from steerray.artifacts import config_to_dict
+from steerray.config import TrainLoopConfig, TrainStageConfig
 from steerray.errors import SteerrayError
 from steerray.training.batching import accumulation_steps, steps_per_epoch
 from steerray.training.checkpoint import check_fingerprint
@@ -63,7 +64,7 @@ def fit(job: Fit) -> dict[str, Any]:
     log.info("%s: %d train rows, %d steps, %d workers%s", job.name, job.train_rows, steps, plan.num_workers,
              "; resuming from checkpoints" if resuming else "")
     trainer = TorchTrainer(
-        train_worker,
+        cast(Any, train_worker),  # Ray types the loop as returning None; V2 hands its value back
         train_loop_config={"task": job.task, "config": config_to_dict(cfg), "options": job.options,
                            "steps": steps, "out": str(job.out), "tokenizer": job.tokenizer,
                            "has_val": "val" in job.datasets},
@@ -79,7 +80,7 @@ def fit(job: Fit) -> dict[str, Any]:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         raise TrainingFailed(failure_advice(job, err)) from None
-    return result.return_value or {}
+    return getattr(result, "return_value", None) or {}
 
 
 def worker_errors(err: BaseException) -> list[BaseException]:

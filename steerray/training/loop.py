@@ -17,7 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from steerray.config import TrainStageConfig, config_to_dict
+from steerray.artifacts import config_to_dict
+from steerray.config import TrainStageConfig
+from steerray.models.loading import load_tokenizer
 from steerray.training.batching import accumulation_steps, eval_micro_batches, plan_step
 from steerray.training.checkpoint import CheckpointManager
 from steerray.training.losses import normalize_loss
@@ -32,6 +34,7 @@ from steerray.training.strategy import (
     PreparedModel,
     Strategy,
     build_optimizer_and_schedule,
+    export_model,
     prepare_model,
     resolve_strategy,
 )
@@ -190,8 +193,6 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Ray Train's per-worker function: build, restore, train, validate, export; rank 0 returns the summary."""
     import torch
 
-    from steerray.models.loading import load_tokenizer
-
     task = load_task(loop_config["task"], loop_config["config"], loop_config["options"])
     cfg, steps, out = task.config, int(loop_config["steps"]), Path(loop_config["out"])
     strategy = resolve_strategy(cfg.scaling)
@@ -297,8 +298,6 @@ def one_step(task: TrainTask, prepared: PreparedModel, stepper: Any, rows: Rows,
 def finish(task: TrainTask, prepared: PreparedModel, tokenizer: Any, out: Path, state: RunState, steps: int,
            telemetry: Telemetry) -> dict[str, Any]:
     """Export (collective), then rank 0's extras and the summary every training stage reports."""
-    from steerray.training.strategy import export_model
-
     task.before_export(prepared)
     export_model(prepared, out / "model", tokenizer)
     strategy = prepared.strategy

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from steerray.artifacts import atomic_write_text
+
 log = logging.getLogger("steerray")
 
 
@@ -49,7 +51,6 @@ class MetricsWriter:
                     kept.append(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a crash
-        from steerray.artifacts import atomic_write_text
 
         atomic_write_text(self.path, "".join(k + "\n" for k in kept))
 
@@ -181,7 +182,7 @@ class WandbLogger:
 
             # No key: never try the network (which could hang a run on an offline machine).
             mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self.run = wandb.init(project=project or "steerray", name=name, config=dict(config), mode=mode,
+            self.run = wandb.init(project=project or "steerray", name=name, config=dict(config), mode=mode,  # type: ignore[arg-type]
                                   dir=str(out_dir) if out_dir else None, resume="allow",
                                   settings=wandb.Settings(init_timeout=60, silent=True))
         except Exception as err:  # noqa: BLE001 - telemetry must never stop training

@@ -27,13 +27,16 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
+from steerray.artifacts import read_manifest
 from steerray.attributes import ATTRIBUTE_INDEX, ATTRIBUTES, IGNORE_VALUE
 from steerray.data.readers import decode_json
 from steerray.errors import SteerrayError
+from steerray.models.loading import load_tokenizer
+from steerray.training.batching import pad_batch
 
 REGRESSION, PREFERENCE = "regression", "preference"
 # Bradley-Terry losses without a tie term: a tie would be trained as a preference, so it is skipped.
@@ -85,8 +88,6 @@ def locate_split_files(data_dir: str | Path, kind: str) -> tuple[Path, Path | No
 
 def check_prepare_manifest(data_dir: str | Path) -> dict[str, Any] | None:
     """The prepare manifest if there is one (a hand-made folder without one is accepted)."""
-    from steerray.artifacts import read_manifest
-
     return read_manifest(data_dir, "prepare")
 
 
@@ -186,8 +187,6 @@ def read_split(path: Path, kind: str, attributes: Sequence[str], *, allow_empty:
 
 @functools.lru_cache(maxsize=4)
 def cached_tokenizer(source: str) -> Any:
-    from steerray.models.loading import load_tokenizer
-
     return load_tokenizer(source)
 
 
@@ -197,7 +196,7 @@ def left_truncate(token_lists: Sequence[Sequence[int]], max_length: int) -> tupl
     return kept, np.array([len(ids) > max_length for ids in token_lists], dtype=bool)
 
 
-def _encode(tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
+def _encode(tokenizer: Any, texts: Sequence[str] | np.ndarray, max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
     ids = tokenizer([str(t) for t in texts], add_special_tokens=False)["input_ids"]
     return left_truncate(ids, max_length)
 
@@ -228,6 +227,22 @@ def tokenize_preference_batch(batch: dict[str, np.ndarray], *, tokenizer: str, m
             "strength": np.asarray(batch["strength"], dtype=np.float32)}
 
 
+def tokenize_dataset(rows: list[dict[str, Any]], kind: str, tokenizer: str, max_length: int) -> Any:
+    """Validated rows -> a materialized Ray dataset of token ids (left truncation, flagged per row)."""
+    import ray.data
+
+    fn = tokenize_regression_batch if kind == REGRESSION else tokenize_preference_batch
+    blocks = max(1, min(16, len(rows) // 512))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    return ds.map_batches(cast(Any, fn), fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+                          batch_size=256, num_cpus=0.5).materialize()
+
+
+def count_truncated(ds: Any) -> int:
+    # Reading a materialized column locally is instant; ds.sum() would plan an aggregation job.
+    return sum(int(b["truncated"].sum()) for b in ds.iter_batches(batch_format="numpy", batch_size=None))
+
+
 # --------------------------------------------------------------------------------------------------
 # In the worker: rows in memory, collate micro-batches
 # --------------------------------------------------------------------------------------------------
@@ -248,8 +263,6 @@ def collate_regression(rows: dict[str, list[Any]], indices: Sequence[int], pad_i
     """Right-padded ``input_ids``/``attention_mask``, float ``labels [B, A]``, and the real token count."""
     import torch
 
-    from steerray.training.batching import pad_batch
-
     ids, mask = pad_batch([rows["input_ids"][i] for i in indices], pad_id)
     labels = torch.as_tensor(np.stack([np.asarray(rows["label"][i], dtype=np.float32) for i in indices]))
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": int(mask.sum())}
@@ -258,8 +271,6 @@ def collate_regression(rows: dict[str, list[Any]], indices: Sequence[int], pad_i
 def collate_pairs(rows: dict[str, list[Any]], indices: Sequence[int], pad_id: int) -> dict[str, Any]:
     """One forward batch of ``2P`` rows: the P chosen texts, then the P rejected ones; and strengths."""
     import torch
-
-    from steerray.training.batching import pad_batch
 
     seqs = [rows["chosen_ids"][i] for i in indices] + [rows["rejected_ids"][i] for i in indices]
     ids, mask = pad_batch(seqs, pad_id)

@@ -62,7 +62,8 @@ def build_optimizer(module: Any, optim: OptimConfig) -> Any:
     """AdamW over trainable parameters; no weight decay on biases and norm weights (1-D tensors), as NeMo."""
     import torch
 
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for _name, param in module.named_parameters():
         if not param.requires_grad:
             continue
@@ -72,7 +73,7 @@ def build_optimizer(module: Any, optim: OptimConfig) -> Any:
     groups = [{"params": decay, "weight_decay": optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.betas[0], optim.betas[1]), eps=1e-8)
 
 
 def build_scheduler(optimizer: Any, optim: OptimConfig, max_steps: int) -> Any:

@@ -31,6 +31,8 @@ from typing import Any
 
 from steerray.config import ConfigError, LoraConfig, OptimConfig, ScalingConfig
 from steerray.errors import SteerrayError
+from steerray.runtime import cluster_gpus
+from steerray.training.schedule import build_optimizer, build_scheduler, check_schedule
 
 log = logging.getLogger("steerray")
 
@@ -71,8 +73,6 @@ class RayScalingPlan:
 def plan_ray_scaling(cfg: ScalingConfig, gpus_in_cluster: int | None = None) -> RayScalingPlan:
     """Workers and devices from the config and the cluster (``use_gpu=True`` without GPUs would hang Ray)."""
     if gpus_in_cluster is None:
-        from steerray.runtime import cluster_gpus
-
         gpus_in_cluster = cluster_gpus()
     use_gpu = gpus_in_cluster > 0 if cfg.use_gpu == "auto" else bool(cfg.use_gpu)
     if use_gpu and gpus_in_cluster == 0:
@@ -186,7 +186,7 @@ def resolve_strategy(cfg: ScalingConfig | None = None) -> Strategy:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     else:
         precision = cfg.precision
-    kind = cfg.strategy
+    kind: str = cfg.strategy
     if kind == "deepspeed" and not deepspeed_available():
         raise StrategyError("scaling.strategy=deepspeed but DeepSpeed is not installed: "
                             "`pip install 'steerray[deepspeed]'`, or use fsdp / ddp")
@@ -524,8 +524,6 @@ class Stepper:
 def build_optimizer_and_schedule(prepared: PreparedModel, optim: OptimConfig, max_steps: int,
                                  accumulation_steps: int = 1) -> Stepper:
     """AdamW (no decay on biases/norms) + NeMo CosineAnnealing, wrapped in a :class:`Stepper`."""
-    from steerray.training.schedule import build_optimizer, build_scheduler, check_schedule
-
     check_schedule(optim, max_steps)
     if prepared.strategy.kind == "deepspeed":
         return _deepspeed_stepper(prepared, optim, max_steps, accumulation_steps)
@@ -538,8 +536,6 @@ def _deepspeed_stepper(prepared: PreparedModel, optim: OptimConfig, max_steps: i
                        accumulation_steps: int) -> Stepper:
     """ZeRO stage 1-3 through ``deepspeed.initialize``; our AdamW and schedule, its engine."""
     import deepspeed
-
-    from steerray.training.schedule import build_optimizer, build_scheduler
 
     strategy = prepared.strategy
     optimizer = build_optimizer(prepared.module, optim)

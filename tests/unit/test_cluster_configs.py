@@ -1,4 +1,4 @@
-"""cluster/: every manifest and YAML parses, names job scripts and presets that exist, and agrees with the pipeline."""
+"""cluster/: every manifest and YAML parses, names stages and presets that exist, and agrees with the pipeline."""
 
 from __future__ import annotations
 
@@ -9,16 +9,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steerray import config as config_module
-from steerray.config import config_hash, load_config
-from steerray.pipeline import STAGES, load_pipeline_config, resolve_stages
+from steerray.artifacts import config_hash
+from steerray.config import load_config
+from steerray.stages import PIPELINE_STAGES, STAGES
+from steerray.stages.planning import load_pipeline_config, resolve_stages
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 YAML_FILES = sorted(CLUSTER.rglob("*.yaml"))
-# What runs where: job script -> config class of the preset it is launched with.
-JOB_CONFIGS = {s.job: s.config_class for s in STAGES} | {"pipeline": "PipelineConfig",
-                                                          "serve_reward": "ServeRewardConfig", "serve": "ServeConfig"}
+MODULES = {stage.module: stage for stage in STAGES.values()}
 
 
 def _docs(path: Path) -> list[dict]:
@@ -38,14 +37,15 @@ def test_every_yaml_parses():
 
 
 def test_repo_paths_named_anywhere_in_cluster_exist():
-    """Every jobs/... script, preset and cluster/... file named in cluster/ (YAML, Dockerfile, README) exists."""
-    named = set()
+    """Every cluster/... file, steerray/presets/... file and stage module named in cluster/ exists."""
+    named, modules = set(), set()
     for path in list(CLUSTER.rglob("*")):
         if path.is_file():
             text = path.read_text()
-            named |= set(re.findall(r"(?<![\w/.])(?:/app/)?((?:jobs|cluster)/[\w./-]+\.(?:py|yaml))", text))
-    assert any(n.startswith("jobs/") for n in named) and any(n.startswith("cluster/") for n in named)
-    missing = sorted(n for n in named if not (REPO / n).is_file())
+            named |= set(re.findall(r"(?<![\w/.])((?:cluster|steerray/presets)/[\w./-]+\.(?:py|yaml))", text))
+            modules |= set(re.findall(r"steerray\.stages\.(\w+)", text))
+    assert any(n.startswith("cluster/") for n in named) and modules
+    missing = sorted(n for n in named if not (REPO / n).is_file()) + sorted(modules - set(MODULES))
     assert not missing, f"named in cluster/ but missing: {missing}"
 
 
@@ -75,20 +75,17 @@ def test_a_rayjob_per_stage_each_launching_a_valid_preset():
         assert job["apiVersion"] == "ray.io/v1", path
         spec = job["spec"]
         assert spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"], path
-        match = re.fullmatch(r"python /app/jobs/(\w+)\.py --config /app/(jobs/configs/[\w/]+\.yaml)", spec["entrypoint"])
+        match = re.fullmatch(r"python -m steerray\.stages\.(\w+) --config (cluster/\w+)", spec["entrypoint"])
         assert match, f"{path}: entrypoint {spec['entrypoint']!r}"
-        script, preset = match.groups()
-        assert (REPO / "jobs" / f"{script}.py").is_file()
-        model = getattr(config_module, JOB_CONFIGS[script], None)
-        if model is None:
-            pytest.skip(f"{JOB_CONFIGS[script]} is not in steerray.config yet")
-        if script == "pipeline":
-            resolve_stages(load_pipeline_config(str(REPO / preset)))  # every stage preset validates
+        module, preset = match.groups()
+        stage = MODULES[module]
+        if module == "pipeline":
+            resolve_stages(load_pipeline_config(preset))  # every stage preset validates
         else:
-            load_config(model, REPO / preset)
-        launched[script] = preset
-    for stage in STAGES:
-        assert stage.job in launched, f"no RayJob for stage {stage.name}"
+            load_config(stage.config, preset)
+        launched[stage.name] = preset
+    for name in PIPELINE_STAGES:
+        assert name in launched, f"no RayJob for stage {name}"
     assert {"pipeline", "serve", "serve_reward"} <= set(launched)
 
 
@@ -96,7 +93,7 @@ def test_rayjob_presets_equal_what_the_pipeline_resolves():
     """A stage run by its RayJob is adopted by the pipeline: same resolved config, same hash."""
     planned = resolve_stages(load_pipeline_config("cluster/pipeline"))
     for item in planned:
-        preset = load_config(type(item.config), REPO / "jobs" / "configs" / "cluster" / f"{item.name}.yaml")
+        preset = load_config(type(item.config), f"cluster/{item.name}").with_absolute_paths()
         assert config_hash(preset) == item.config_hash, item.name
 
 
@@ -117,9 +114,7 @@ def test_runtime_env_example():
     known = {"working_dir", "excludes", "pip", "uv", "conda", "env_vars", "py_modules", "container", "image_uri",
              "config", "py_executable", "java_jars", "nsight", "mpi"}
     assert set(env) <= known
-    from steerray.runtime import SUBMIT_EXCLUDES
-
-    assert set(SUBMIT_EXCLUDES) <= set(env["excludes"])  # the example ships what the CLI ships
+    assert "working_dir" not in env  # jobs run the installed package, as the CLI submits them
     assert all(isinstance(v, str) for v in env["env_vars"].values())  # Ray demands string values
 
 
@@ -141,6 +136,7 @@ def test_cluster_readme_commands_parse():
 
     from steerray.cli import app
     from steerray.config import resolve_preset
+    from steerray.stages import get_stage
 
     commands = _readme_commands()
     assert any(c.startswith("steerray pipeline") for c in commands) and any("serve" in c for c in commands)
@@ -155,4 +151,4 @@ def test_cluster_readme_commands_parse():
         except Exception as err:  # click's UsageError family (typer vendors its own click)
             pytest.fail(f"{command}: {type(err).__name__}: {err}")
         for preset in re.findall(r"--config (\S+)", command):
-            resolve_preset(preset)
+            resolve_preset(preset, get_stage(name).name)

@@ -4,12 +4,13 @@ from pathlib import Path
 
 import pytest
 
-from steerray.config import PRESETS_DIR, ConfigError, PrepareConfig, RewardConfig, config_hash, load_config
+from steerray.artifacts import config_hash
+from steerray.config import PRESETS_DIR, ConfigError, PrepareConfig, RewardConfig, load_config
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_config(RewardConfig, None, ["train.max_steps=7", "lora.enabled=true", "optim.lr=3e-4"])
-    assert config.train.max_steps == 7 and config.lora.enabled is True and config.optim.lr == 3e-4
+    config = load_config(RewardConfig, None, ["train.max_steps=17", "lora.enabled=true", "optim.lr=3e-4"])
+    assert config.train.max_steps == 17 and config.lora.enabled is True and config.optim.lr == 3e-4
 
 
 def test_unknown_key_is_named(tmp_path: Path):

@@ -22,7 +22,7 @@ from serve_support import LONG_ANSWER, steerable_model_dir, steered_prompt
 
 from steerray.annotation import parse_conversation, plan_scoring
 from steerray.data import sources
-from steerray.data.sft import STATUS_REJECTED, example_from_json
+from steerray.data.sft import STATUS_REJECTED, example_from_json, render_trained
 from steerray.serving import openai_schema as oa
 from steerray.serving.engines import EngineError, SamplingParams, TransformersEngine
 from steerray.serving.http import ApiError, GuardMiddleware, RequestGuard, Slots, install_error_handlers
@@ -74,8 +74,7 @@ def test_helpsteer2_flattened_turns_still_pass_every_data_path():
     record = two_turn(user=FLATTENED)
     validate_conversation(record)  # no error
     assert parse_conversation({"file": "f", "line": 1, "raw": json.dumps(record), "error": ""}) == (record, "")
-    status, reason, _ = example_from_json(json.dumps(record), _FakeTokenizer(), 64)
-    assert (status, reason) != (STATUS_REJECTED, reason) or reason == ""
+    assert FLATTENED in render_trained(record)["text"]  # SFT data renders it, label line and all
     # prepare's converter (sources.py) and the reward prompt it writes: the flattened turns render as turns.
     rows = sources.convert_raw_row("helpsteer2", {"file": "f", "line": 1, "raw": json.dumps(HS_ROW), "error": ""}, "")
     assert [r["kind"] for r in rows] == ["conversation", "regression"]
@@ -105,7 +104,7 @@ def test_a_marker_in_prepare_annotate_and_sft_data_is_a_counted_reject():
     assert payload["reason"].startswith("turn 1 (Assistant) contains the template marker '<extra_id_2>'")
     record, reason = parse_conversation({"file": "in.jsonl", "line": 5, "raw": raw, "error": ""})
     assert record is None and reason.startswith("invalid conversation: turn 1 (Assistant) contains")
-    status, reason, example = example_from_json(raw, _FakeTokenizer(), 64)
+    status, reason, example = example_from_json(raw, None, 64)  # rejected before any tokenizer is needed
     assert status == STATUS_REJECTED and example is None and "'<extra_id_2>'" in reason
 
 
@@ -149,13 +148,6 @@ def test_every_prompt_the_template_writes_is_a_well_formed_reward_text():
     check_text_markers("no markers at all", "x")
 
 
-class _FakeTokenizer:
-    """Enough of a fast tokenizer for example_from_json: one token per character, with offsets."""
-
-    def __call__(self, text, **_):
-        return {"input_ids": list(range(len(text))), "offset_mapping": [(i, i + 1) for i in range(len(text))]}
-
-
 # --------------------------------------------------------------------------------------------------
 # 8. Strict JSON, 10. strict types and cost limits in the request contract
 # --------------------------------------------------------------------------------------------------
@@ -186,6 +178,7 @@ def test_valid_json_decodes_as_usual():
 
 @pytest.mark.parametrize(("field", "value"), [
     ("stream", "yes"), ("stream", 1), ("n", "2"), ("n", True), ("n", 2.0), ("max_tokens", "5"), ("seed", 1.5),
+    ("temperature", True), ("temperature", "0.5"), ("top_p", "1"),
     ("stream_options", {"include_usage": "true"}),
 ])
 def test_booleans_and_integers_are_strict(field, value):

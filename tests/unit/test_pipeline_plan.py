@@ -8,7 +8,7 @@ import pytest
 
 from steerray.artifacts import write_manifest
 from steerray.config import ConfigError, dump_yaml
-from steerray.pipeline import (
+from steerray.stages.planning import (
     StageOutcome,
     apply_pipeline_overrides,
     current_fingerprints,
@@ -42,7 +42,7 @@ def test_overrides_go_to_the_right_place():
 
 
 def test_wiring_connects_the_folders(tmp_path):
-    cfg = _cfg(tmp_path, "bootstrap.enabled=true", "sft.train.max_steps=7")
+    cfg = _cfg(tmp_path, "bootstrap.enabled=true", "sft.train.max_steps=17")
     stages = {s.name: s for s in resolve_stages(cfg)}
     root = tmp_path / "t"
     assert stages["prepare"].config.out == str(root / "prepare")
@@ -50,7 +50,7 @@ def test_wiring_connects_the_folders(tmp_path):
     assert stages["annotate"].config.model == str(root / "reward" / "model")
     assert stages["annotate"].config.input == str(root / "prepare" / "conversations")
     assert stages["sft"].config.data == str(root / "annotate")
-    assert stages["sft"].config.train.max_steps == 7
+    assert stages["sft"].config.train.max_steps == 17
     assert stages["bootstrap"].config.policy == str(root / "sft" / "model")
     # with bootstrapping on, evaluation reads the bootstrapped model and its manifest
     assert stages["evaluate"].config.policy == str(root / "bootstrap" / "model")

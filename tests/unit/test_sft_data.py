@@ -19,7 +19,6 @@ from steerray.data.sft import (
     STATUS_REJECTED,
     STATUS_UNTRAINED,
     SFTDataError,
-    collate_sft,
     example_from_json,
     is_val_row,
     locate_sft_data,
@@ -30,6 +29,7 @@ from steerray.data.sft import (
     tokenize_sft,
 )
 from steerray.templates import make_conversation
+from steerray.training.batching import collate_sft
 
 SYSTEM = "Be brief."
 

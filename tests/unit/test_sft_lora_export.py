@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from steerray.config import LoraConfig, OptimConfig, ScalingConfig
-from steerray.data.sft import collate_sft, render_trained, tokenize_sft
+from steerray.data.sft import render_trained, tokenize_sft
 from steerray.templates import generation_prompt, make_conversation
+from steerray.training.batching import collate_sft
 
 
 def test_lora_merged_export_generates_same_tokens(tmp_path, tiny_model_dir):

@@ -12,7 +12,6 @@ import torch
 
 from steerray.attributes import IGNORE_VALUE
 from steerray.data.sft import IGNORE_INDEX
-from steerray.training.batching import collate_sft
 from steerray.data.steerlm2 import (
     LOG_FIELDS,
     LOG_PA,
@@ -45,6 +44,7 @@ from steerray.eval.attribute_likelihood import (
     log_value_probability,
     sigmas_from_params,
 )
+from steerray.training.batching import collate_sft
 from steerray.training.losses import normalize_loss
 from steerray.training.steerlm2 import (
     avg_tokens,

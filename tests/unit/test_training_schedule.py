@@ -66,8 +66,13 @@ def test_no_weight_decay_on_biases_and_norms():
     assert decays == {1: 0.1, 3: 0.0}  # the Linear weight decays; its bias and both LayerNorm params don't
 
 
-def test_check_schedule_rejects_impossible_schedules():
-    with pytest.raises(ConfigError, match="min_lr"):
-        check_schedule(OptimConfig(lr=1e-6, min_lr=1e-5), 10)
+def test_impossible_schedules_fail_when_the_config_loads():
+    from steerray.config import RewardConfig, load_config
+
+    with pytest.raises(ConfigError, match="optim.min_lr=1e-05 is above optim.lr=1e-06"):
+        load_config(RewardConfig, None, ["optim.lr=1e-6", "optim.min_lr=1e-5"])
+    with pytest.raises(ConfigError, match="exceed train.max_steps"):
+        load_config(RewardConfig, None, ["optim.warmup_steps=8", "optim.constant_steps=5", "train.max_steps=10"])
+    # The real step count can be lower than train.max_steps (train.epochs_cap): checked again at launch.
     with pytest.raises(ConfigError, match="exceed train.max_steps"):
         check_schedule(OptimConfig(warmup_steps=8, constant_steps=5), 10)
