@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -109,6 +109,29 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+SECRET_OPTIONS = ("--token", "--api-key", "--password")
+SECRET_ENV_WORDS = ("TOKEN", "SECRET", "PASSWORD", "API_KEY")
+
+
+def redacted_command(argv: Sequence[str]) -> str:
+    """The command line as a manifest records it, with secrets replaced by ``***``: the values of
+    ``--token``-like options, and any text equal to a secret-looking environment variable's value."""
+    secrets = [v for k, v in os.environ.items() if any(w in k.upper() for w in SECRET_ENV_WORDS) and len(v) >= 6]
+    words, hide_next = [], False
+    for word in argv:
+        name, eq, _ = word.partition("=")
+        if hide_next:
+            word, hide_next = "***", False
+        elif word in SECRET_OPTIONS:
+            hide_next = True
+        elif eq and name in SECRET_OPTIONS:
+            word = f"{name}=***"
+        for secret in secrets:
+            word = word.replace(secret, "***")
+        words.append(word)
+    return " ".join(words)
+
+
 def config_to_dict(config: BaseModel) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
@@ -128,7 +151,7 @@ def write_manifest(out_dir: str | Path, stage: str, config: BaseModel | Mapping[
         "config_hash": config_hash(config_dict),
         "config": config_dict,
         "versions": package_versions(),
-        "command": " ".join(sys.argv),
+        "command": redacted_command(sys.argv),
         **sections,
     }
     return atomic_write_json(Path(out_dir) / MANIFEST, manifest)

@@ -91,13 +91,65 @@ def _start_embedded(num_cpus: int | None, object_store_mb: int | None, logging_c
         try:
             ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=LOOPBACK,
                      object_store_memory=object_store_mb * 1024**2 if object_store_mb else None,
-                     logging_config=logging_config)
+                     logging_config=logging_config,
+                     runtime_env={"worker_process_setup_hook": "steerray.runtime.keep_workers_on_loopback"})
             return
         except Exception as err:  # Ray gives its raylet a fixed 30 s to register: too short on a busy box
             if "timed out during startup" not in str(err) or attempt == 2:
                 raise
             log.warning("Ray's node start-up timed out (busy machine?); retrying")
             ray.shutdown()
+
+
+SERVE_REPLICA_MODULE = "ray.serve._private.replica"
+
+
+def keep_workers_on_loopback() -> None:
+    """Runs in every worker process of the embedded Ray (``worker_process_setup_hook``). Ray Serve 2.60
+    starts each replica's inter-deployment gRPC server on ``[::]:0``, every interface, whatever the node's
+    address: bind it to 127.0.0.1 like the rest of the embedded Ray (measured: tests/ray/test_security.py).
+    Patched when Serve's replica module is imported, so workers that never host a replica pay nothing."""
+    if SERVE_REPLICA_MODULE in sys.modules:
+        _patch_replica(sys.modules[SERVE_REPLICA_MODULE])
+    elif not any(isinstance(f, _AfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(SERVE_REPLICA_MODULE, _patch_replica))
+
+
+def _patch_replica(replica: Any) -> None:
+    bind = replica.add_port_to_grpc_server
+    if getattr(bind, "steerray_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return bind(server, f"{LOOPBACK}:{port}" if host in ("[::]", "0.0.0.0", "") else address)
+
+    on_loopback.steerray_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback
+
+
+class _AfterImport:
+    """A meta-path finder that runs ``then(module)`` right after ``name`` is first imported."""
+
+    def __init__(self, name: str, then: Any) -> None:
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        import importlib.util
+
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            execute, then = spec.loader.exec_module, self.then
+
+            def exec_and_patch(module: Any) -> None:
+                execute(module)
+                then(module)
+
+            spec.loader.exec_module = exec_and_patch  # type: ignore[method-assign]
+        return spec
 
 
 def cluster_gpus() -> int:

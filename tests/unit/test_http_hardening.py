@@ -206,7 +206,7 @@ def test_limits_refuse_nonsense_values():
         ChatLimits(max_inflight_sequences=0)
     with pytest.raises(ValueError, match="RewardLimits.request_timeout_s must be > 0, got 0"):
         RewardLimits(request_timeout_s=0)
-    assert RewardLimits().max_body_bytes == 16 << 20 and ChatLimits().max_body_bytes == 1 << 20
+    assert RewardLimits().max_body_bytes == 16 << 20 and RewardLimits().max_chars_per_request == 16_000_000 and ChatLimits().max_body_bytes == 1 << 20
 
 
 def test_reward_cost_is_counted_per_scored_turn_with_its_history_before_building_prompts():

@@ -1,0 +1,112 @@
+"""vLLM on this CPU vs steerray's transformers engine: tokens/s and greedy agreement, in one run.
+
+    .venv-vllm/bin/python bench/vllm_cpu.py                      # smollm2-135m, 16 prompts x 64 tokens
+    .venv-vllm/bin/python bench/vllm_cpu.py --eager              # vLLM without torch.compile (fast start)
+
+Needs the vllm-cpu venv (scripts/install_vllm_cpu.sh). Same model, same SteerLM prompts (the bench/serve.py
+questions, steering defaults), greedy, one batch of concurrent requests per engine, stopping at EOS and
+the SteerLM markers as the server does:
+
+1. baseline:  steerray's TransformersEngine in fp32 (the CPU default), all requests at once
+2. vllm-fp32: steerray's VLLMEngine in fp32
+3. vllm-bf16: steerray's VLLMEngine in bf16 (native on AVX512-BF16/AMX CPUs; the CPU default of vLLM)
+
+Prints start-up time, generated tokens/s and its ratio to the baseline, and how many leading tokens of
+each answer equal the baseline's (fp32 vs fp32 should agree token for token; bf16 drifts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def prompts_for(count: int) -> list[str]:
+    from serve import QUESTIONS
+
+    from steerray.attributes import steering_label
+    from steerray.templates import generation_prompt
+
+    return [generation_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], steering_label({}))
+            for i in range(count)]
+
+
+def run_engine(engine, prompts: list[str], max_tokens: int) -> tuple[float, list]:
+    """Warm up, then all prompts at once: (seconds, completions)."""
+    from steerray.serving.engines import SamplingParams
+    from steerray.serving.openai_schema import stop_strings
+
+    params = SamplingParams(max_tokens=max_tokens, stop=stop_strings())
+    loop = asyncio.new_event_loop()  # one loop for the engine's life: vLLM binds its output task to it
+    try:
+        loop.run_until_complete(engine.complete(engine.encode(prompts[0]), SamplingParams(max_tokens=4)))
+        started = time.perf_counter()
+        results = loop.run_until_complete(asyncio.gather(*(engine.complete(engine.encode(p), params)
+                                                           for p in prompts)))
+        return time.perf_counter() - started, results
+    finally:
+        engine.shutdown()
+        loop.close()
+
+
+def agreeing_tokens(tokenizer, text: str, reference: str) -> int:
+    """Tokens of the longest common prefix of two answers (what greedy decoding agrees on)."""
+    common = 0
+    while common < min(len(text), len(reference)) and text[common] == reference[common]:
+        common += 1
+    return len(tokenizer(reference[:common], add_special_tokens=False)["input_ids"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    args = parser.parse_args()
+    if args.eager:
+        os.environ["STEERRAY_VLLM_EAGER"] = "1"
+
+    from steerray.models.loading import resolve_model
+    from steerray.serving.engines import TransformersEngine, make_engine
+
+    model, prompts = resolve_model(args.model), prompts_for(args.prompts)
+    rows = []
+    for name in ("baseline", "vllm-fp32", "vllm-bf16"):
+        started = time.perf_counter()
+        if name == "baseline":
+            engine = TransformersEngine(model, max_batch_size=args.prompts, batch_wait_ms=50, precision="fp32",
+                                        threads=len(os.sched_getaffinity(0)))
+        else:
+            engine = make_engine("vllm", model, precision=name.split("-")[1], max_batch_size=args.prompts,
+                                 max_model_len=1024)
+        startup = time.perf_counter() - started
+        tokenizer = engine.tokenizer
+        seconds, results = run_engine(engine, prompts, args.max_tokens)
+        rows.append((name, startup, seconds, results))
+
+    base_seconds, base = rows[0][2], rows[0][3]
+    base_rate = sum(r.completion_tokens for r in base) / base_seconds
+    print(f"\nmodel {args.model}, {args.prompts} prompts x <= {args.max_tokens} tokens, greedy, "
+          f"{len(os.sched_getaffinity(0))} CPUs, vLLM {'eager' if args.eager else 'compiled'}")
+    print(f"{'engine':<10} {'start s':>8} {'tokens':>7} {'tok/s':>7} {'x base':>7} {'agree/answer':>13}")
+    for name, startup, seconds, results in rows:
+        tokens = sum(r.completion_tokens for r in results)
+        agree = [agreeing_tokens(tokenizer, r.text, b.text) for r, b in zip(results, base, strict=True)]
+        lengths = [len(tokenizer(b.text, add_special_tokens=False)["input_ids"]) for b in base]
+        print(f"{name:<10} {startup:>8.1f} {tokens:>7} {tokens / seconds:>7.1f} {tokens / seconds / base_rate:>7.2f} "
+              f"{sum(agree) / len(agree):>6.1f}/{sum(lengths) / len(lengths):<6.1f}"
+              f" identical {sum(r.text == b.text for r, b in zip(results, base, strict=True))}/{len(base)}")
+
+
+if __name__ == "__main__":
+    main()
