@@ -102,7 +102,8 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    # Where steerray ran from: an installed package or a checkout (a cluster job must use the installed one).
+    versions = {"python": platform.python_version(), "steerray_at": str(Path(__file__).resolve().parent)}
     for name in ("steerray", "torch", "ray", "transformers", "peft", "pyarrow", "deepspeed", "vllm"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[name] = metadata.version(name)

@@ -253,8 +253,9 @@ class RewardDeployment:
     def _check_cost(self, field: str, turns: int, chars: int) -> None:
         """413 when one request asks the model to read too much (checked before any prompt is built)."""
         if turns > self.limits.max_scored_turns:
-            raise ApiError(413, f"{field} has {turns} texts to score; the limit is {self.limits.max_scored_turns} "
-                                "per request", code="too_many_turns", param=field)
+            what = "texts" if field == "texts" else "scored turns"
+            raise ApiError(413, f"{field} has {turns} {what}; the limit is {self.limits.max_scored_turns} per request",
+                           code="too_many_turns", param=field)
         if chars > self.limits.max_chars_per_request:
             raise ApiError(413, f"{field} makes {chars} characters for the model to read (every scored turn repeats "
                                 f"its history); the limit is {self.limits.max_chars_per_request} per request",

@@ -1,0 +1,139 @@
+"""steerray as users install it: a wheel in a fresh virtualenv, no checkout, run from an empty folder.
+
+1. `pip install dist/steerray-*.whl` into a new venv, then `steerray pipeline --config tiny --run t` in an
+   empty folder finishes, and running it again skips every stage.
+2. A local `ray start --head` (loopback, dashboard on): `steerray prepare --address ...` and `ray job submit
+   ... -- python -m steerray.stages.prepare --config FILE` both finish, and the job ran the installed package
+   (the manifest records where steerray was imported from), not an uploaded working tree.
+
+The new venv gets steerray from the wheel only; its dependencies come from the test venv's site-packages
+through a path file (no .pth processing there, so the test venv's editable steerray stays invisible).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> dict[str, Path]:
+    """A fresh venv holding the steerray wheel built from this checkout."""
+    root = tmp_path_factory.mktemp("installed")
+    wheels = root / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(REPO)],
+                   check=True, timeout=300, capture_output=True)
+    wheel = next(wheels.glob("steerray-*.whl"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    site = next(venv.glob("lib/python*/site-packages"))
+    # The wheel's files, unpacked as pip would (a wheel is a zip of the installed tree).
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    scripts = venv / "bin"
+    (scripts / "steerray").write_text(f"#!{scripts / 'python'}\nfrom steerray.cli import app\napp()\n")
+    (scripts / "steerray").chmod(0o755)
+    return {"venv": venv, "python": scripts / "python", "steerray": scripts / "steerray", "site": site,
+            "wheel": wheel}
+
+
+def clean_env(installed: dict[str, Path]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST", "VIRTUAL_ENV"))}
+    env.update(PATH=f"{installed['venv'] / 'bin'}:{Path(sys.executable).parent}:{env.get('PATH', '')}",
+               HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONNOUSERSITE="1")
+    return env
+
+
+def test_the_wheel_holds_the_presets_and_no_checkout_is_used(installed, tmp_path):
+    import zipfile
+
+    names = zipfile.ZipFile(installed["wheel"]).namelist()
+    assert "steerray/presets/tiny/pipeline.yaml" in names and "steerray/presets/demo/sft.yaml" in names
+    where = subprocess.run([str(installed["python"]), "-c", "import steerray; print(steerray.__file__)"],
+                           capture_output=True, text=True, cwd=tmp_path, env=clean_env(installed), check=True)
+    assert where.stdout.strip().startswith(str(installed["site"]))
+
+
+def test_pipeline_from_an_empty_folder_finishes_and_then_skips_everything(installed, tmp_path):
+    env = clean_env(installed)
+    command = [str(installed["steerray"]), "pipeline", "--config", "tiny", "--run", "t"]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert [s["action"] for s in summary["stages"]] == ["ran"] * 6  # bootstrap is on in the tiny preset
+    second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert second.returncode == 0, second.stderr[-4000:]
+    summary = json.loads((tmp_path / "runs" / "t" / "summary.json").read_text())
+    assert [s["action"] for s in summary["stages"]] == ["skipped"] * 6
+    manifest = json.loads((tmp_path / "runs" / "t" / "sft" / "manifest.json").read_text())
+    assert manifest["versions"]["steerray_at"].startswith(str(installed["site"]))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def ray_head(installed, tmp_path):
+    """`ray start --head` on loopback with the job server, from the installed venv; stopped afterwards."""
+    env = clean_env(installed) | {"RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    gcs, dashboard = free_port(), free_port()
+    temp = Path("/tmp") / f"rayhead{gcs}"  # Ray's socket paths must stay short
+    ray_cli = [str(installed["python"]), "-m", "ray.scripts.scripts"]  # the head runs the installed venv
+    start = [*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
+             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+             f"--temp-dir={temp}", "--disable-usage-stats"]
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"http://127.0.0.1:{dashboard}", env
+    finally:
+        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def wait_for_job_server(address: str, env: dict[str, str]) -> None:
+    import urllib.request
+
+    for _ in range(60):
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"no job server at {address}")
+
+
+def test_prepare_on_a_ray_cluster_through_the_cli_and_through_ray_job_submit(installed, ray_head, tmp_path):
+    address, env = ray_head
+    wait_for_job_server(address, env)
+    out_cli, out_job = tmp_path / "via-cli", tmp_path / "via-job"
+    cli = subprocess.run([str(installed["steerray"]), "prepare", "--source", "demo", "--out", str(out_cli),
+                          "demo_conversations=40", "--address", address],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    config = tmp_path / "prepare.yaml"
+    config.write_text(f"sources: [demo]\nout: {out_job}\ndemo_conversations: 40\n")
+    job = subprocess.run([str(installed["python"]), "-m", "ray.scripts.scripts", "job", "submit", "--address", address, "--", "python",
+                          "-m", "steerray.stages.prepare", "--config", str(config)],
+                         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    for out in (out_cli, out_job):
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["summary"]["conversations_train"] + manifest["summary"]["conversations_val"] == 40
+        assert manifest["versions"]["steerray_at"].startswith(str(installed["site"])), manifest["versions"]
