@@ -46,12 +46,15 @@ def run_engine(engine, prompts: list[str], max_tokens: int) -> tuple[float, list
     from steerray.serving.openai_schema import stop_strings
 
     params = SamplingParams(max_tokens=max_tokens, stop=stop_strings())
+
+    async def all_at_once() -> list:
+        return await asyncio.gather(*(engine.complete(engine.encode(p), params) for p in prompts))
+
     loop = asyncio.new_event_loop()  # one loop for the engine's life: vLLM binds its output task to it
     try:
         loop.run_until_complete(engine.complete(engine.encode(prompts[0]), SamplingParams(max_tokens=4)))
         started = time.perf_counter()
-        results = loop.run_until_complete(asyncio.gather(*(engine.complete(engine.encode(p), params)
-                                                           for p in prompts)))
+        results = loop.run_until_complete(all_at_once())
         return time.perf_counter() - started, results
     finally:
         engine.shutdown()

@@ -100,11 +100,26 @@ def ray_head(installed, tmp_path):
     start = [*ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=2",
              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
              f"--temp-dir={temp}", "--disable-usage-stats"]
-    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    # From an empty folder: `python -m` puts the working folder first on sys.path, and a head started in a
+    # checkout would hand its jobs the checkout's steerray.
+    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180, cwd=tmp_path)
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, env=env, timeout=120)
+        stop_cluster(gcs, temp)
+
+
+def stop_cluster(gcs_port: int, temp: Path) -> None:
+    """Stop this head's processes only: `ray stop` would kill every Ray of the user on the machine."""
+    import psutil
+
+    marks = (f"127.0.0.1:{gcs_port}", f"--gcs_server_port={gcs_port}", str(temp))
+    ours = [p for p in psutil.process_iter(["cmdline"]) if any(m in " ".join(p.info["cmdline"] or []) for m in marks)]
+    for proc in ours:
+        proc.terminate()
+    _, alive = psutil.wait_procs(ours, timeout=15)
+    for proc in alive:
+        proc.kill()
 
 
 def wait_for_job_server(address: str, env: dict[str, str]) -> None:
