@@ -287,6 +287,41 @@ class AnnotateConfig(StrictModel):
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "input", "out")
 
 
+class HttpLimits(StrictModel):
+    """What one request may cost a server, enforced before a route runs. Every limit answers a 4xx or 503
+    naming it (413 for sizes, 503 with ``Retry-After`` for a full queue or a request over its time)."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1)  # checked against Content-Length before reading, and while reading
+    body_timeout_s: float = Field(30.0, gt=0)  # a client that trickles its body gets 408 after this long
+    request_timeout_s: float = Field(300.0, gt=0)  # work beyond this answers 503 (and is cancelled)
+    max_json_depth: int = Field(32, ge=1)  # nesting of arrays/objects; SteerLM requests need about 5
+    allowed_hosts: tuple[str, ...] = ()  # Host names accepted besides the bind address (and loopback)
+    allowed_origins: tuple[str, ...] = ()  # browser origins besides the server's own (e.g. a web UI)
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After of a 503
+
+
+class ChatLimits(HttpLimits):
+    """``steerray serve``: generation cost per request and the replica's queue."""
+
+    max_body_bytes: int = Field(1 << 20, ge=1)  # a 4096-token context is ~16 KB of text; 1 MiB leaves room
+    max_generated_tokens: int = Field(8192, ge=1)  # n * max_tokens (or n * the default budget) per request
+    max_stop_chars: int = Field(256, ge=1)  # per stop string: the stream filter's cost grows with its square
+    max_inflight_sequences: int = Field(256, ge=1)  # answers generating or waiting per replica; more get 503
+    max_queued_requests: int = Field(1024, ge=1)  # Serve's own queue in front of the replica (503 + Retry-After)
+
+
+class RewardLimits(HttpLimits):
+    """``steerray serve-reward``: scoring cost per request and the replica's queue."""
+
+    max_body_bytes: int = Field(16 << 20, ge=1)  # annotate --via sends 256 texts per request
+    max_scored_turns: int = Field(1024, ge=1)  # texts, or scored Assistant turns over all conversations
+    # Characters of the texts the model reads: a conversation's scored turns each repeat its history, so
+    # 200 turns of 100 KB would make 1 GB of prompts without this.
+    max_chars_per_request: int = Field(16_000_000, ge=1)
+    max_inflight_texts: int = Field(8192, ge=1)  # texts scoring or waiting per replica; more get 503
+    max_queued_requests: int = Field(1024, ge=1)  # Serve's own queue in front of the replica (503 + Retry-After)
+
+
 class ServeRewardConfig(StrictModel):
     """Stage `serve-reward`: the reward model behind a Ray Serve HTTP endpoint with dynamic batching."""
 
@@ -307,6 +342,7 @@ class ServeRewardConfig(StrictModel):
     trust_remote_code: bool = False
     app_name: str = "steerray-reward"
     route_prefix: str = "/"
+    limits: RewardLimits = Field(default_factory=RewardLimits)
     block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "out")
@@ -483,6 +519,16 @@ class ServeConfig(StrictModel):
     trust_remote_code: bool = False
     app_name: str = "steerray-chat"
     route_prefix: str = "/"
+    limits: ChatLimits = Field(default_factory=ChatLimits)
+
+    @model_validator(mode="after")
+    def _queue_answers_in_json(self) -> ServeConfig:
+        # Past max_ongoing_requests Serve queues the request itself; the replica's own 503 (JSON, naming the
+        # limit) can only answer requests it has been handed.
+        if self.max_ongoing_requests < self.limits.max_inflight_sequences:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least "
+                             f"limits.max_inflight_sequences ({self.limits.max_inflight_sequences})")
+        return self
     block: bool = True  # keep the job alive until interrupted (False: deploy and return, on a cluster)
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("out",)

@@ -194,6 +194,7 @@ def convert_helpsteer(source: str, record: Any, *, file: str, line: int, split: 
     if source == "helpsteer2-helpfulness":
         scores = {"helpfulness": scores["helpfulness"]}
     conversation = make_conversation([(USER_ROLE, prompt, None), (ASSISTANT_ROLE, response, encode_label(scores))])
+    validate_conversation(conversation)  # template markers in the text (flattened HS2 turns aside) are rejects
     return conversation_rows(source, conversation, split=split, group=prompt, file=file, line=line)
 
 
@@ -204,7 +205,9 @@ def reward_text(context: Sequence[tuple[str, str]], response: str) -> str:
     byte-identical to what the reward model is trained and scored on.
     """
     turns = [(role, text, None) for role, text in context] + [(ASSISTANT_ROLE, response, "")]
-    return reward_prompts(make_conversation(turns), labelled_only=False)[-1].text
+    conversation = make_conversation(turns)
+    validate_conversation(conversation)  # a marker inside a turn would fake turns or a label: a reject
+    return reward_prompts(conversation, labelled_only=False)[-1].text
 
 
 def _preference_score(record: Mapping[str, Any], name: str) -> int:
@@ -511,7 +514,7 @@ def convert_raw_row(source: str, raw_row: Mapping[str, Any], split: str,
     else:
         try:
             rows = CONVERTERS[source](source, record, file=file, line=line, split=split, **options)
-        except (RowError, LabelError) as err:
+        except (RowError, LabelError, ConversationError) as err:
             rows = [reject_row(source, file, line, str(err), record)]
         except (KeyError, TypeError, AttributeError, ValueError) as err:  # shapes no check anticipated
             rows = [reject_row(source, file, line, f"unusable row ({type(err).__name__}: {err})", record)]

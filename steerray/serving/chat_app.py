@@ -17,7 +17,7 @@ CDN, and no third-party script may run on the origin that holds the playground's
 The SteerLM template, the label line and the stop marker are applied here, on the server; answers never
 contain template markers, and messages may not contain them either (400). Bad input gets a 4xx in the
 OpenAI error shape and the replica keeps serving. What a request may cost (body size, n x max_tokens,
-stop strings, answers in flight, time) is a :class:`steerray.serving.limits.ChatLimits`.
+stop strings, answers in flight, time) is a :class:`steerray.config.ChatLimits` (``ServeConfig.limits``).
 """
 
 # No `from __future__ import annotations`: FastAPI reads these annotations at run time, also in
@@ -41,7 +41,8 @@ from ray import serve
 
 from steerray.attributes import ATTRIBUTES, DEFAULT_STEERING, MAX_VALUE, MIN_VALUE, model_label_attributes
 from steerray.auth import token_digest
-from steerray.config import ServeConfig
+from steerray.config import ChatLimits, ServeConfig
+from steerray.models.loading import ALIASES, resolve_model
 from steerray.serving import openai_schema as oa
 from steerray.serving.engines import (
     GREEDY_BELOW,
@@ -61,7 +62,6 @@ from steerray.serving.http import (
     install_error_handlers,
     internal_error,
 )
-from steerray.serving.limits import ChatLimits
 from steerray.serving.vllm_engine import EngineUnavailable
 
 log = logging.getLogger("steerray.serving.chat")
@@ -322,8 +322,6 @@ def cpu_threads(replicas: int) -> int:
 
 def served_name(model: str) -> str:
     """The id clients use: an alias or hub id as given; a folder's name (with its parent if generic)."""
-    from steerray.models.loading import ALIASES
-
     path = Path(model).expanduser()
     if model in ALIASES or not path.exists():
         return model
@@ -333,8 +331,6 @@ def served_name(model: str) -> str:
 
 def model_source(model: str) -> str:
     """Check the model name now (a clear error before Serve starts); local folders become absolute."""
-    from steerray.models.loading import ALIASES, resolve_model
-
     resolved = resolve_model(model)
     return model if model in ALIASES else str(Path(resolved).resolve()) if Path(resolved).exists() else resolved
 
@@ -345,7 +341,7 @@ def build_app(config: ServeConfig, token: str | None = None, *, use_gpu: bool = 
 
     ``limits``: what one request may cost (:class:`ChatLimits`; None: its defaults).
     """
-    limits = limits or ChatLimits()
+    limits = limits or config.limits  # the config's `limits:` section unless a test passes its own
     if config.engine == "vllm" and not use_gpu:
         choose_engine("vllm")  # no GPU: vLLM's CPU build must be here; say so before Serve starts
     threads = config.threads_per_replica

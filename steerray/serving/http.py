@@ -33,7 +33,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from steerray.auth import token_digest
-from steerray.serving.limits import HttpLimits, allowed_hostnames, normalize_host
+from steerray.config import HttpLimits
+from steerray.serving.limits import allowed_hostnames, normalize_host
 
 log = logging.getLogger("steerray.serving")
 

@@ -15,7 +15,7 @@ included, share forward passes. ``max_batch_size`` and ``batch_wait_timeout_s`` 
 deployment's ``user_config``, so ``serve.run`` with a new config retunes a running app without
 reloading the model. Bad input is answered 4xx with the JSON error shape of :mod:`steerray.serving.http`.
 What a request may cost (body size, scored turns and their characters, texts in flight, time) is a
-:class:`steerray.serving.limits.RewardLimits`; the cost of a conversation is counted per scored turn,
+:class:`steerray.config.RewardLimits` (``ServeRewardConfig.limits``); the cost of a conversation is counted per scored turn,
 history included, before any prompt is built.
 """
 
@@ -36,8 +36,9 @@ from ray import serve
 
 from steerray.annotation import load_predictor, plan_scoring, threads_for, turn_label
 from steerray.auth import token_digest
-from steerray.config import ServeRewardConfig
+from steerray.config import RewardLimits, ServeRewardConfig
 from steerray.errors import SteerrayError
+from steerray.models.reward import RewardModelError
 from steerray.serving import openai_schema as oa
 from steerray.serving.http import (
     ApiError,
@@ -48,7 +49,6 @@ from steerray.serving.http import (
     install_error_handlers,
     internal_error,
 )
-from steerray.serving.limits import RewardLimits
 from steerray.templates import (
     ASSISTANT_ROLE,
     LABEL_START,
@@ -312,7 +312,7 @@ def build_app(config: ServeRewardConfig, token: str | None = None, *, use_gpu: b
 
     ``limits``: what one request may cost (:class:`RewardLimits`; None: its defaults).
     """
-    limits = limits or RewardLimits()
+    limits = limits or config.limits  # the config's `limits:` section unless a test passes its own
     threads = config.threads_per_replica or threads_for(config.cpus_per_replica)
     deployment = RewardDeployment.options(
         name="RewardModel",
@@ -340,8 +340,6 @@ def start_reward_server(config: ServeRewardConfig, token: str | None = None, *,
     Returns once the replicas are healthy. Stop with ``serve.delete(config.app_name)`` or ``serve.shutdown()``.
     """
     import ray
-
-    from steerray.models.reward import RewardModelError
 
     if not (Path(config.model) / "config.json").is_file():
         raise RewardModelError(f"{config.model} is not a reward-model folder (no config.json); "

@@ -19,8 +19,7 @@ import pytest
 from serve_support import LONG_ANSWER, QUESTION, SHORT_ANSWER, free_port, steerable_model_dir
 
 from steerray.auth import auth_headers
-from steerray.config import ServeConfig, ServeRewardConfig
-from steerray.serving.limits import ChatLimits, RewardLimits
+from steerray.config import ChatLimits, RewardLimits, ServeConfig, ServeRewardConfig
 from steerray.templates import make_conversation, reward_prompts
 
 pytestmark = pytest.mark.ray

@@ -21,12 +21,13 @@ from fastapi import FastAPI, Request
 from serve_support import LONG_ANSWER, steerable_model_dir, steered_prompt
 
 from steerray.annotation import parse_conversation, plan_scoring
+from steerray.config import ChatLimits, HttpLimits, RewardLimits
 from steerray.data import sources
 from steerray.data.sft import STATUS_REJECTED, example_from_json, render_trained
 from steerray.serving import openai_schema as oa
 from steerray.serving.engines import EngineError, SamplingParams, TransformersEngine
 from steerray.serving.http import ApiError, GuardMiddleware, RequestGuard, Slots, install_error_handlers
-from steerray.serving.limits import ChatLimits, HttpLimits, RewardLimits, allowed_hostnames
+from steerray.serving.limits import allowed_hostnames
 from steerray.templates import (
     ConversationError,
     check_reward_text,
@@ -202,10 +203,16 @@ def test_stop_strings_and_generated_tokens_are_capped():
 
 
 def test_limits_refuse_nonsense_values():
-    with pytest.raises(ValueError, match="ChatLimits.max_inflight_sequences must be >= 1, got 0"):
-        ChatLimits(max_inflight_sequences=0)
-    with pytest.raises(ValueError, match="RewardLimits.request_timeout_s must be > 0, got 0"):
-        RewardLimits(request_timeout_s=0)
+    from steerray.config import ConfigError, ServeConfig, ServeRewardConfig, load_config
+
+    with pytest.raises(ConfigError, match="limits.max_inflight_sequences: Input should be greater than or equal to 1"):
+        load_config(ServeConfig, None, ["limits.max_inflight_sequences=0"])
+    with pytest.raises(ConfigError, match="limits.request_timeout_s: Input should be greater than 0"):
+        load_config(ServeRewardConfig, None, ["limits.request_timeout_s=0"])
+    with pytest.raises(ConfigError, match=r"max_ongoing_requests \(16\) must be at least limits.max_inflight"):
+        load_config(ServeConfig, None, ["max_ongoing_requests=16"])
+    with pytest.raises(ConfigError, match="limits.max_body: unknown key"):
+        load_config(ServeConfig, None, ["limits.max_body=1"])
     assert RewardLimits().max_body_bytes == 16 << 20 and RewardLimits().max_chars_per_request == 16_000_000 and ChatLimits().max_body_bytes == 1 << 20
 
 
