@@ -36,8 +36,8 @@ def prompts_for(count: int) -> list[str]:
     from steerray.attributes import steering_label
     from steerray.templates import generation_prompt
 
-    return [generation_prompt([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}], steering_label({}))
-            for i in range(count)]
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    return [generation_prompt([{"role": "user", "content": q}], steering_label({})) for q in questions]
 
 
 def run_engine(engine, prompts: list[str], max_tokens: int) -> tuple[float, list]:
@@ -70,7 +70,8 @@ def agreeing_tokens(tokenizer, text: str, reference: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -87,8 +88,8 @@ def main() -> None:
     for name in ("baseline", "vllm-fp32", "vllm-bf16"):
         started = time.perf_counter()
         if name == "baseline":
-            engine = TransformersEngine(model, max_batch_size=args.prompts, batch_wait_ms=50, precision="fp32",
-                                        threads=len(os.sched_getaffinity(0)))
+            engine = TransformersEngine(model, max_batch_size=args.prompts, batch_wait_ms=50,
+                                        precision="fp32", threads=len(os.sched_getaffinity(0)))
         else:
             engine = make_engine("vllm", model, precision=name.split("-")[1], max_batch_size=args.prompts,
                                  max_model_len=1024)
@@ -106,7 +107,8 @@ def main() -> None:
         tokens = sum(r.completion_tokens for r in results)
         agree = [agreeing_tokens(tokenizer, r.text, b.text) for r, b in zip(results, base, strict=True)]
         lengths = [len(tokenizer(b.text, add_special_tokens=False)["input_ids"]) for b in base]
-        print(f"{name:<10} {startup:>8.1f} {tokens:>7} {tokens / seconds:>7.1f} {tokens / seconds / base_rate:>7.2f} "
+        rate = tokens / seconds
+        print(f"{name:<10} {startup:>8.1f} {tokens:>7} {rate:>7.1f} {rate / base_rate:>7.2f} "
               f"{sum(agree) / len(agree):>6.1f}/{sum(lengths) / len(lengths):<6.1f}"
               f" identical {sum(r.text == b.text for r, b in zip(results, base, strict=True))}/{len(base)}")
 

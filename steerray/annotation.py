@@ -36,6 +36,7 @@ from steerray.attributes import LabelError, encode_label, parse_label, predictio
 from steerray.auth import auth_headers
 from steerray.data.readers import ReadTask, decode_json, decode_raw
 from steerray.errors import SteerrayError
+from steerray.models.precision import inference_dtype
 from steerray.models.reward import load_reward_model, predict_texts
 from steerray.templates import (
     ASSISTANT_ROLE,
@@ -210,7 +211,8 @@ def threads_for(reserved_cpus: float) -> int:
 def load_predictor(folder: str | Path, *, max_length: int | None = None, batch_size: int = 16,
                    precision: str = "auto", threads: int | None = None,
                    trust_remote_code: bool = False) -> ModelPredictor:
-    """Load a reward-model folder for scoring: GPU + bf16 when there is a GPU (``precision="auto"``).
+    """Load a reward-model folder for scoring: on the GPU when there is one, in bf16 where the device computes it
+    natively (``precision="auto"``, see :mod:`steerray.models.precision`), else fp32.
 
     ``threads`` sets torch's CPU threads (None keeps the process's setting: OMP_NUM_THREADS in Ray workers).
     """
@@ -219,7 +221,7 @@ def load_predictor(folder: str | Path, *, max_length: int | None = None, batch_s
     on_gpu = torch.cuda.is_available()
     if threads and not on_gpu:
         torch.set_num_threads(threads)
-    dtype = torch.bfloat16 if precision == "bf16" or (precision == "auto" and on_gpu) else torch.float32
+    dtype = inference_dtype(precision, "cuda" if on_gpu else "cpu")
     model, tokenizer, attributes = load_reward_model(folder, dtype=dtype, device="cuda" if on_gpu else None,
                                                      trust_remote_code=trust_remote_code)
     length = max_length or default_max_length(tokenizer, model.config, folder)

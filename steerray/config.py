@@ -122,7 +122,9 @@ class ScalingConfig(StrictModel):
     cpus_per_worker: float = Field(0.5, gt=0)  # leave CPUs for Ray Data on small machines
     strategy: Literal["auto", "fsdp", "ddp", "deepspeed"] = "auto"  # auto: FSDP2, DDP where it cannot run
     deepspeed_stage: Literal[1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 (fp32 master weights) where the device computes bf16 natively: CUDA, CPUs with AVX512-BF16
+    # or AMX (~4x the fp32 matmul rate there); fp32 elsewhere. The choice is logged and in the manifest.
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     max_failures: int = Field(2, ge=0)  # worker deaths survived by restarting from the last checkpoint
     # FSDP, big models: only rank 0 reads the weights; the others start empty (meta device) and receive
     # their shards by broadcast, so a node does not hold one full copy per GPU in host memory.
@@ -280,7 +282,7 @@ class AnnotateConfig(StrictModel):
     num_actors: int = Field(1, ge=1)  # scoring actors (model copies); with `via`: concurrent HTTP client tasks
     cpus_per_actor: float = Field(0.5, gt=0)  # Ray CPUs reserved per actor; <= 0.5 leaves room for reads
     threads_per_actor: int | None = Field(None, ge=1)  # torch threads (CPU); None: cpus_per_actor, at least 1
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device computes it natively
     trust_remote_code: bool = False
     timeout_s: float = Field(300.0, gt=0)  # per HTTP request with `via`
 
@@ -357,6 +359,7 @@ class SamplingConfig(StrictModel):
     batch_size: int = Field(8, ge=1)  # prompts per generate call: throughput for memory
     max_prompt_tokens: int = Field(512, ge=8)  # longer prompts are skipped and counted
     engine: Literal["auto", "transformers", "vllm"] = "auto"  # auto: vLLM on GPU when installed
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device computes it natively
     seed: int = 1234
 
 
@@ -446,6 +449,7 @@ class RewardEvalConfig(StrictModel):
     max_rows: int | None = Field(2000, ge=1)  # validation rows scored (regression and preference each)
     batch_size: int = Field(16, ge=1)
     max_length: int = Field(512, ge=8)  # longer texts lose tokens from the left
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device computes it natively
 
 
 class EvaluateConfig(StrictModel):
@@ -514,7 +518,7 @@ class ServeConfig(StrictModel):
     default_max_tokens: int = Field(256, ge=1)  # answer length when a request gives none
     cpus_per_replica: float = Field(1.0, gt=0)
     threads_per_replica: int | None = Field(None, ge=1)  # torch threads on CPU; None: node CPUs / replicas
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device computes it natively
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1)  # vLLM's share of the GPU
     trust_remote_code: bool = False
     app_name: str = "steerray-chat"

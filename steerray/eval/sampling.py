@@ -22,6 +22,7 @@ import numpy as np
 
 from steerray.models.generation import generate_batch
 from steerray.models.loading import load_causal_lm, load_tokenizer
+from steerray.models.precision import inference_dtype
 from steerray.models.reward import load_reward_model, predict_texts
 from steerray.templates import (
     ASSISTANT_ROLE,
@@ -76,8 +77,8 @@ class SampleScorer:
         if self.device == "cpu":
             # One actor per node on CPU: let it use the node's cores (Ray sets OMP threads to 1).
             torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
-        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.sampling = dict(sampling)
+        dtype = inference_dtype(self.sampling.get("precision", "auto"), self.device)
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         self.vllm = None
         if use_vllm(self.sampling.get("engine", "auto"), self.device):
@@ -144,13 +145,13 @@ class TextScorer:
     """Score already-templated reward texts (``text`` column) -> ``scores`` (JSON list, model output order)."""
 
     def __init__(self, reward_model: str, *, max_length: int = 1024, batch_size: int = 16,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, precision: str = "auto") -> None:
         import torch
 
         device = pick_device()
         if device == "cpu":
             torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = inference_dtype(precision, device)
         self.model, self.tokenizer, self.attributes = load_reward_model(reward_model, dtype=dtype, device=device)
         self.max_length, self.batch_size = max_length, batch_size
 

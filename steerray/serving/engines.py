@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.errors import SteerrayError
+from steerray.models.precision import inference_dtype
 from steerray.serving.openai_schema import StopTextFilter
 
 log = logging.getLogger("steerray.serving.engines")
@@ -181,8 +182,7 @@ class TransformersEngine(Engine):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and threads:
             torch.set_num_threads(threads)  # Ray gives actors 1 thread unless told otherwise
-        use_bf16 = precision == "bf16" or (precision == "auto" and self.device.type == "cuda")
-        self.dtype = torch.bfloat16 if use_bf16 else torch.float32
+        self.dtype = inference_dtype(precision, self.device)
         self.tokenizer = load_tokenizer(model, trust_remote_code=trust_remote_code)
         self.model = load_causal_lm(model, dtype=self.dtype, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()

@@ -38,7 +38,6 @@ log = logging.getLogger("steerray.serving.vllm")
 
 EAGER_ENV = "STEERRAY_VLLM_EAGER"  # "1": no torch.compile (fast start-up, for tests and quick looks)
 KV_CACHE_RAM_SHARE = 0.25  # at most this share of the machine's memory goes to the KV cache on a CPU
-GIB = 1024**3
 
 
 class EngineUnavailable(EngineError):
@@ -56,13 +55,11 @@ def cpu_has_native_bf16() -> bool:
 
 def vllm_dtype(precision: str, device: str) -> str:
     """vLLM's dtype for steerray's ``precision`` (auto, bf16, fp32) on ``device`` (cuda or cpu)."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise EngineError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
     if precision == "fp32":
         return "float32"
-    if precision == "bf16" or device == "cuda" or cpu_has_native_bf16():
-        return "bfloat16"
-    if precision != "auto":
-        raise EngineError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
-    return "float32"
+    return "bfloat16" if precision == "bf16" or device == "cuda" or cpu_has_native_bf16() else "float32"
 
 
 def kv_cache_bytes(config: Any, max_model_len: int, max_num_seqs: int, dtype: str) -> int:

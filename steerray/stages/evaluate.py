@@ -77,7 +77,7 @@ def read_split(data: str | None, kind: str, split: str, limit: int | None) -> li
 def score_texts(cfg: EvaluateConfig, texts: list[str], desc: str) -> list[list[float]]:
     rows = map_rows([{"id": i, "text": t} for i, t in enumerate(texts)], TextScorer,
                     {"reward_model": cfg.reward_model, "max_length": cfg.reward.max_length,
-                     "batch_size": cfg.reward.batch_size}, batch_size=max(cfg.reward.batch_size, 32), desc=desc)
+                     "batch_size": cfg.reward.batch_size, "precision": cfg.reward.precision}, batch_size=max(cfg.reward.batch_size, 32), desc=desc)
     return [json.loads(r["scores"]) for r in rows]
 
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from steerray.config import ConfigError, LoraConfig, OptimConfig, ScalingConfig
 from steerray.errors import SteerrayError
+from steerray.models.precision import resolve_precision
 from steerray.runtime import cluster_gpus
 from steerray.training.schedule import build_optimizer, build_scheduler, check_schedule
 
@@ -174,7 +175,6 @@ def deepspeed_available() -> bool:
 
 def resolve_strategy(cfg: ScalingConfig | None = None) -> Strategy:
     """The strategy of the calling process: inside a Ray Train worker, or a plain single process."""
-    import torch
     import torch.distributed as dist
 
     cfg = cfg or ScalingConfig()
@@ -182,10 +182,7 @@ def resolve_strategy(cfg: ScalingConfig | None = None) -> Strategy:
     world_size = dist.get_world_size() if distributed else 1
     rank = dist.get_rank() if distributed else 0
     device = _worker_device()
-    if cfg.precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    else:
-        precision = cfg.precision
+    precision = resolve_precision(cfg.precision, device)
     kind: str = cfg.strategy
     if kind == "deepspeed" and not deepspeed_available():
         raise StrategyError("scaling.strategy=deepspeed but DeepSpeed is not installed: "
@@ -376,6 +373,8 @@ def prepare_model(model: Any, strategy: Strategy, lora: LoraConfig | None = None
     peft_config = None
     if lora is not None and lora.enabled:
         model, peft_config = apply_lora(model, lora, trainable_modules)
+    if strategy.precision == "bf16" and strategy.kind in ("ddp", "single"):
+        frozen_matmuls_to_bf16(model)
     root = wrap(model) if wrap is not None else model
     prepared = PreparedModel(module=root, model=model, strategy=strategy,
                              lora=lora if peft_config is not None else None,
@@ -396,6 +395,29 @@ def prepare_model(model: Any, strategy: Strategy, lora: LoraConfig | None = None
                  strategy.kind, strategy.precision, strategy.world_size, f"{trainable:,}",
                  f"{prepared.num_parameters():,}", " (LoRA)" if peft_config is not None else "")
     return prepared
+
+
+def frozen_matmuls_to_bf16(model: Any) -> int:
+    """Store the weights of frozen Linear layers (LoRA's base layers, frozen lower layers) in bf16.
+
+    Under autocast a matmul computes in bf16 anyway; an fp32 weight is re-cast on every call, a bf16 one is
+    used as it is. Trainable weights stay fp32 (the update of one step is often below half a bf16 ulp), and so
+    do embeddings, norms and every weight shared with the input embedding (a tied lm_head): the residual
+    stream keeps fp32. Returns how many weights were cast. DDP and single process only: FSDP2 casts per unit.
+    """
+    import torch
+
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(embed.weight)} if embed is not None else set()
+    cast = 0
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        for param in (module.weight, module.bias):
+            if param is not None and not param.requires_grad and id(param) not in tied and param.dtype != torch.bfloat16:
+                param.data = param.data.to(torch.bfloat16)
+                cast += 1
+    return cast
 
 
 def _shard_fsdp2(root: Any, model: Any, strategy: Strategy) -> None:
@@ -658,8 +680,8 @@ def export_model(prepared: PreparedModel, out_dir: str | Path, tokenizer: Any = 
     """Write a Hugging Face folder (safetensors) of the trained model; collective, rank 0 writes.
 
     LoRA runs are merged into plain weights (``merge_lora`` defaults to ``lora.merge_on_export``) or saved as
-    a peft adapter whose ``modules_to_save`` (the reward head) travel with it. ``dtype`` defaults to the
-    training precision (bf16 on GPU, fp32 on CPU). Returns the folder on rank 0, None elsewhere.
+    a peft adapter whose ``modules_to_save`` (the reward head) travel with it. ``dtype`` defaults to
+    :func:`export_dtype` (bf16 after bf16 training on a GPU, else fp32). Returns the folder on rank 0, None elsewhere.
     """
     state = gather_full_state_dict(prepared)
     strategy = prepared.strategy
@@ -667,9 +689,10 @@ def export_model(prepared: PreparedModel, out_dir: str | Path, tokenizer: Any = 
     if strategy.is_rank0:
         merge = prepared.lora.merge_on_export if merge_lora is None and prepared.lora else bool(merge_lora)
         model = build_plain_copy(prepared, state)
+        model = model.float()  # merge in fp32: a LoRA delta added to a bf16 weight would mostly round away
         if prepared.is_peft and merge:
             model = model.merge_and_unload()
-        model = model.to(dtype or strategy.compute_dtype)
+        model = model.to(dtype or export_dtype(strategy))
 
         def write(folder: Path) -> None:
             model.save_pretrained(folder, safe_serialization=True)
@@ -680,6 +703,14 @@ def export_model(prepared: PreparedModel, out_dir: str | Path, tokenizer: Any = 
         del model
     strategy.barrier()
     return out if strategy.is_rank0 else None
+
+
+def export_dtype(strategy: Strategy) -> Any:
+    """bf16 where it trained on a GPU in bf16 (the usual checkpoint format there); fp32 on a CPU, where the
+    consumers (serve, evaluate) pick their own compute precision when they load it."""
+    import torch
+
+    return strategy.compute_dtype if strategy.device.type == "cuda" else torch.float32
 
 
 def write_folder_atomically(out: Path, write: Callable[[Path], None]) -> Path:

@@ -104,7 +104,7 @@ def test_model_predictor_matches_the_reward_model_and_truncates_from_the_left(ti
 
     from steerray.models.reward import encode_reward_texts, reward_forward
 
-    predictor = load_predictor(tiny_reward_dir, batch_size=4, max_length=128)
+    predictor = load_predictor(tiny_reward_dir, batch_size=4, max_length=128, precision="fp32")
     assert isinstance(predictor, ModelPredictor) and predictor.attributes == list(ATTRIBUTES)
     records = [conversation("quality:1", "helpfulness:2"), conversation(""),
                make_conversation([("User", "tell me a long story " * 30, None), ("Assistant", "Once.", "")])]

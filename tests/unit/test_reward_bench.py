@@ -276,7 +276,7 @@ def test_report_files(tmp_path):
 def test_a_real_tiny_reward_model_through_load_predictor(tiny_reward_dir, tmp_path):
     from steerray.annotation import load_predictor
 
-    predictor = load_predictor(tiny_reward_dir, batch_size=2, max_length=64)
+    predictor = load_predictor(tiny_reward_dir, batch_size=2, max_length=64, precision="fp32")  # exact match below
     rows = [rb_row("alpacaeval-easy", True), rb_row("hep-cpp", False, prompt="Write C++"),
             rb_row("shp", True, prompt=[{"role": "user", "content": "Q"}])]
     path = write_jsonl(tmp_path / "rb.jsonl", rows)

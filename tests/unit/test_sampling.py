@@ -46,7 +46,7 @@ def test_sample_scorer_matches_direct_generation_and_scoring(tiny_model_dir, rew
     from steerray.models.reward import load_reward_model, predict_texts
 
     sampling = {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "batch_size": 2, "max_prompt_tokens": 120,
-                "engine": "auto", "seed": 1}
+                "engine": "auto", "seed": 1, "precision": "fp32"}  # compared with fp32 references below
     scorer = SampleScorer(tiny_model_dir, reward_dir, sampling, threads=1)
     messages = [[{"role": "user", "content": "Why is the sky blue?"}],
                 [{"role": "user", "content": "Tell me a joke."}],

@@ -26,7 +26,7 @@ def test_lora_merged_export_generates_same_tokens(tmp_path, tiny_model_dir):
 
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tiny_model_dir)
-    strategy = resolve_strategy(ScalingConfig())
+    strategy = resolve_strategy(ScalingConfig(precision="fp32"))
     assert strategy.kind == "single"
     prepared = prepare_model(load_causal_lm(tiny_model_dir), strategy, LoraConfig(enabled=True, r=4, alpha=8))
     stepper = build_optimizer_and_schedule(prepared, OptimConfig(lr=1e-2, min_lr=1e-2, warmup_steps=0), max_steps=4)

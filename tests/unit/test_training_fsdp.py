@@ -24,7 +24,7 @@ WORKER = textwrap.dedent('''
 
     model_dir, out, texts, labels = sys.argv[1], sys.argv[2], eval(sys.argv[3]), eval(sys.argv[4])
     dist.init_process_group("gloo")
-    strategy = resolve_strategy(ScalingConfig())
+    strategy = resolve_strategy(ScalingConfig(precision="fp32"))
     assert strategy.kind == "fsdp" and strategy.world_size == 2, strategy
     torch.manual_seed(0)
     # load_on_rank0: rank 1 builds an empty (meta) model and receives its shards from rank 0
@@ -86,7 +86,7 @@ def test_fsdp2_two_processes_match_one(tmp_path: Path, tiny_model_dir):
     assert all(torch.equal(got[name], value) for name, value in expected.items())
 
     # One backward on the whole global batch in one process gives the gradients the two workers agreed on.
-    prepared = prepare_model(reference, resolve_strategy(ScalingConfig()), None, trainable_modules=["score"],
+    prepared = prepare_model(reference, resolve_strategy(ScalingConfig(precision="fp32")), None, trainable_modules=["score"],
                              wrap=reward_readout)
     batch = encode_reward_texts(load_tokenizer(tiny_model_dir), TEXTS, 64)
     part, count = masked_mse_sum(prepared.module(batch.input_ids, batch.attention_mask), torch.tensor(LABELS))

@@ -29,7 +29,7 @@ def _setup(tiny_model_dir, lora: LoraConfig | None, lr: float = 5e-3):
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tiny_model_dir)
     model = build_reward_model(tiny_model_dir)
-    prepared = prepare_model(model, resolve_strategy(ScalingConfig()), lora, trainable_modules=["score"],
+    prepared = prepare_model(model, resolve_strategy(ScalingConfig(precision="fp32")), lora, trainable_modules=["score"],
                              wrap=reward_readout)
     stepper = build_optimizer_and_schedule(prepared, OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=1), 20)
     batch = encode_reward_texts(tokenizer, TEXTS, 64)
@@ -51,7 +51,7 @@ def _train(prepared, stepper, batch, steps: int) -> list[float]:
 
 
 def test_resolve_strategy_single_process_cpu():
-    strategy = resolve_strategy(ScalingConfig())
+    strategy = resolve_strategy(ScalingConfig(precision="fp32"))
     assert (strategy.kind, strategy.precision, strategy.world_size, strategy.device.type) == \
         ("single", "fp32", 1, "cpu")
     assert strategy.all_reduce_sum([1.5, 2]) == [1.5, 2.0]
@@ -70,7 +70,7 @@ def test_plan_ray_scaling_follows_the_cluster():
 def test_training_flops_follow_what_trains(tiny_model_dir):
     from steerray.models.reward import build_reward_model, reward_readout
 
-    strategy = resolve_strategy(ScalingConfig())
+    strategy = resolve_strategy(ScalingConfig(precision="fp32"))
     full = prepare_model(build_reward_model(tiny_model_dir), strategy, None, wrap=reward_readout)
     n = full.flops_parameters()
     embeddings = full.base_hf_model().get_input_embeddings().weight.numel()

@@ -2,10 +2,10 @@
 
 Runs where vLLM can run, i.e. from the venv of ``scripts/install_vllm_cpu.sh``::
 
-    .venv-vllm/bin/python -m pytest -q tests/vllm
+    .venv-vllm/bin/python -m pytest -q tests/vllm_tier
 
-From the main ``.venv`` (no vllm) every test here is skipped with the reason. Each module starts its own
-vLLM engine (~30 s each with torch.compile off, which this conftest sets for the whole tier).
+From the main ``.venv`` (no vllm) every test here is skipped with the reason (``vllm_support.VLLM_TIER``).
+Each module starts its own vLLM engine (~30 s each with torch.compile off, which this conftest sets).
 """
 
 from __future__ import annotations
@@ -14,14 +14,8 @@ import os
 
 import pytest
 
-from steerray.serving.engines import vllm_unavailable_reason
-
 # Before the session's Ray starts, so Serve replicas inherit it: no torch.compile, start-up ~30 s.
 os.environ.setdefault("STEERRAY_VLLM_EAGER", "1")
-
-VLLM_MISSING = vllm_unavailable_reason()
-needs_vllm = pytest.mark.skipif(VLLM_MISSING is not None,
-                                reason=f"vLLM cannot run here: {VLLM_MISSING}; run this tier from .venv-vllm")
 
 
 def pytest_configure(config: pytest.Config) -> None:

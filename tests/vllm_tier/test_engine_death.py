@@ -37,7 +37,8 @@ def health(url: str) -> httpx.Response:
 def first_content_then_kill(url: str, pid: int) -> list[dict]:
     """Stream a long answer; once its first text arrives, kill the engine; return every SSE payload."""
     payloads, killed = [], False
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json={**LONG, "stream": True}, timeout=120) as response:
+    request = {**LONG, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=request, timeout=120) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":

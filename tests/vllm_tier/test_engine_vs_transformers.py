@@ -19,8 +19,8 @@ from steerray.serving.openai_schema import stop_strings
 from steerray.templates import generation_prompt
 
 pytestmark = VLLM_TIER
-QUESTIONS = ["Why is the sky blue?", "Give me three tips for learning a new language.", "What is a prime number?",
-             "Write a haiku about autumn."]
+QUESTIONS = ["Why is the sky blue?", "Give me three tips for learning a new language.",
+             "What is a prime number?", "Write a haiku about autumn."]
 STEERLM = [generation_prompt([{"role": "user", "content": q}], steering_label({"verbosity": v}))
            for q in QUESTIONS for v in (0, 4)]
 CHATML = [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in QUESTIONS]

@@ -62,7 +62,8 @@ def test_vllm_chat_renders_the_template_and_follows_the_steering(exported_sft):
         greedy = SamplingParams(temperature=0, max_tokens=40, stop=[STOP_STRING])
         answers = {}
         for verbosity in (0, 4):
-            (out,) = llm.chat(ASK, greedy, use_tqdm=False, chat_template_kwargs={"steering": {"verbosity": verbosity}})
+            steering = {"steering": {"verbosity": verbosity}}
+            (out,) = llm.chat(ASK, greedy, use_tqdm=False, chat_template_kwargs=steering)
             label = steering_label({"verbosity": verbosity}, attributes=("humor", "verbosity"))
             expected_prompt = generation_prompt(ASK, label)
             assert label == f"humor:0,verbosity:{verbosity}"
@@ -96,8 +97,8 @@ def reward_dir(tmp_path_factory):
 
 
 def helpsteer2_texts(shared_data, limit: int = 6) -> list[str]:
-    rows = [json.loads(line) for line in (shared_data / "helpsteer2" /
-                                          "helpsteer2_validation_sample_hfschema.jsonl").read_text().splitlines()]
+    sample = shared_data / "helpsteer2" / "helpsteer2_validation_sample_hfschema.jsonl"
+    rows = [json.loads(line) for line in sample.read_text().splitlines()]
     texts = []
     for row in rows[:limit]:
         conversation = make_conversation([("User", row["prompt"], None),

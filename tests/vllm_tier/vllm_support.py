@@ -17,7 +17,7 @@ from steerray.serving.engines import vllm_unavailable_reason
 VLLM_MISSING = vllm_unavailable_reason()
 VLLM_TIER = [pytest.mark.vllm,
              pytest.mark.skipif(VLLM_MISSING is not None,
-                                reason=f"vLLM cannot run here: {VLLM_MISSING}; run this tier from .venv-vllm")]
+                                reason=f"vLLM cannot run here: {VLLM_MISSING}; run it from .venv-vllm")]
 
 
 def build_babbler(out: Path, seed: int = 7) -> Path:
@@ -33,8 +33,9 @@ def build_babbler(out: Path, seed: int = 7) -> Path:
 
     tokenizer = load_tokenizer(TINY_ALIAS)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, head_dim=64,
+                         max_position_embeddings=4096,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
