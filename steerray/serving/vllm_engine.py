@@ -217,3 +217,5 @@ class VLLMEngine(Engine):
         if not self._closed:
             self._closed = True
             self.engine.shutdown()
+            # vLLM's __del__ shuts down once more: let it run now, not at interpreter exit, where it fails.
+            self.engine = None

@@ -120,35 +120,61 @@ def test_flat_oasst_sample_matches_an_independent_count(shared_data):
 
 def test_demo_is_deterministic_and_labels_follow_the_text():
     assert demo_conversation(5) == demo_conversation(5)
-    lengths = {v: [] for v in range(5)}
+    from steerray.data import demo
+
+    asides = demo.JOKES + demo.METAPHORS + demo.RUDE + demo.BRIEF_OPENERS + demo.DETAILED_OPENERS
+    lengths: dict[int, list[int]] = {v: [] for v in range(5)}
+    totals: dict[int, list[int]] = {v: [] for v in range(5)}
     for i in range(400):
         for turn in demo_conversation(i)["conversations"]:
             if turn["label"]:
-                lengths[int(parse_label(turn["label"])["verbosity"])].append(len(turn["value"].split()))
+                explanation = turn["value"]
+                for aside in asides:
+                    explanation = explanation.replace(aside, "")
+                verbosity = int(parse_label(turn["label"])["verbosity"])
+                lengths[verbosity].append(len(explanation.split()))
+                totals[verbosity].append(len(turn["value"].split()))
     means = [sum(v) / len(v) for v in lengths.values() if v]
-    assert means == sorted(means) and means[-1] > 4 * means[0]
+    assert means == sorted(means) and means[-1] > 4 * means[0]  # the explanation's length is the verbosity
+    totals_mean = [sum(v) / len(v) for v in totals.values() if v]
+    assert totals_mean == sorted(totals_mean)  # and the whole answer grows with it too
 
 
-def test_demo_lets_a_user_steer_length_alone():
-    """Serving defaults ask for quality/helpfulness/correctness/coherence 4: every verbosity must occur with
-    them in the data, or steering verbosity at those defaults asks for something the model never saw."""
-    from steerray.data.demo import BRIEF_OPENERS, DETAILED_OPENERS
+def test_demo_attributes_vary_independently_and_every_steered_value_occurs_at_the_defaults():
+    """The demo varies verbosity, complexity, humor, creativity, toxicity (quality follows it) on their own:
+    steering one at the serving defaults of the others asks for something the data holds, and nothing a
+    user asks for drags another attribute along."""
+    import numpy as np
 
-    at_defaults: dict[int, int] = {v: 0 for v in range(5)}
-    openers = {"brief": [], "detailed": []}
-    for i in range(600):
+    from steerray.data.demo import BRIEF_OPENERS, DETAILED_OPENERS, JOKES, METAPHORS
+
+    varied = ["verbosity", "complexity", "humor", "creativity", "toxicity"]
+    rows, openers = [], {"brief": [], "detailed": []}
+    for i in range(1500):
         turn = demo_conversation(i)["conversations"][1]
         labels = {k: int(v) for k, v in parse_label(turn["label"]).items()}
-        if all(labels[k] == 4 for k in ("quality", "helpfulness", "correctness", "coherence")):
-            at_defaults[labels["verbosity"]] += 1
-        kind = "brief" if turn["value"].startswith(tuple(BRIEF_OPENERS)) else \
-            "detailed" if turn["value"].startswith(tuple(DETAILED_OPENERS)) else None
+        assert all(0 <= v <= 4 for v in labels.values())
+        assert (labels["helpfulness"], labels["correctness"], labels["coherence"]) == (4, 4, 4)
+        assert labels["quality"] == 4 - labels["toxicity"]
+        assert labels["humor"] == 2 * sum(j in turn["value"] for j in JOKES)
+        assert labels["creativity"] == 2 * sum(m in turn["value"] for m in METAPHORS)
+        rows.append([labels[a] for a in varied])
+        text = turn["value"].split(". ", 1)[-1] if labels["toxicity"] else turn["value"]
+        kind = "brief" if text.startswith(tuple(BRIEF_OPENERS)) else \
+            "detailed" if text.startswith(tuple(DETAILED_OPENERS)) else None
         if kind:
             openers[kind].append(labels["verbosity"])
-    assert min(at_defaults.values()) >= 20, at_defaults
+    values = np.array(rows)
+    correlation = np.corrcoef(values.T)
+    assert np.abs(correlation[np.triu_indices(len(varied), 1)]).max() < 0.2, correlation
+    for column, name in enumerate(varied):
+        levels = set(values[:, column])
+        assert {0, 2, 4} <= levels, (name, levels)
+        # each level of each attribute occurs with toxicity 0 (quality 4): the serving defaults
+        at_defaults = values[values[:, varied.index("toxicity")] == 0]
+        assert min((at_defaults[:, column] == v).sum() for v in (0, 2, 4)) >= 40 or name == "toxicity"
     # the opening words announce the length: brief answers are short, detailed ones long
     assert max(openers["brief"]) <= 2 and min(openers["detailed"]) >= 2
-    assert sum(openers["brief"]) / len(openers["brief"]) < 1 < 3 < sum(openers["detailed"]) / len(openers["detailed"])
 
 
 def test_source_specs():
