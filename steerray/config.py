@@ -422,6 +422,9 @@ class SteerabilityConfig(StrictModel):
     values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
     num_prompts: int = Field(8, ge=1)  # held-out prompts (first user turns of the val conversations)
     prompts: list[str] = Field(default_factory=list)  # explicit prompts instead of the val split
+    # More named prompt sets run through the same grid, reported apart: e.g. real user instructions unlike the
+    # training data's topics, to see whether steering carries over.
+    prompt_sets: dict[str, list[str]] = Field(default_factory=dict)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @field_validator("attributes")
@@ -444,6 +447,15 @@ class SteerabilityConfig(StrictModel):
         return sorted(set(value))
 
 
+class ProbeConfig(StrictModel):
+    """The label probe: log-probability of held-out answers under their true label vs altered labels."""
+
+    enabled: bool = True
+    num_conversations: int = Field(16, ge=1)  # val conversations probed; cost: x attributes x values forwards
+    values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    attributes: list[str] | None = None  # None: the steerability grid's attributes
+
+
 class RewardEvalConfig(StrictModel):
     enabled: bool = True
     max_rows: int | None = Field(2000, ge=1)  # validation rows scored (regression and preference each)
@@ -462,6 +474,7 @@ class EvaluateConfig(StrictModel):
     out: str = "runs/evaluate"
     reward: RewardEvalConfig = Field(default_factory=RewardEvalConfig)
     steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "out")
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)

@@ -225,11 +225,12 @@ def _steer_blocks(steer: Mapping[str, Any], plots: Mapping[str, Path]) -> list[B
     rows = []
     for attribute, curve in steer["per_attribute"].items():
         means = curve.get("mean_by_value") or {}
+        at_cap = " / ".join(f"{v}:{n}" for v, n in (curve.get("at_cap_by_value") or {}).items()) or "0"
         rows.append([attribute, fmt(curve.get("spearman")), fmt(curve.get("per_prompt_spearman")),
                      fmt(curve.get("slope")), fmt(curve.get("shift")),
-                     " / ".join(f"{v}:{fmt(m, 2)}" for v, m in means.items()) or curve.get("note", "-")])
+                     " / ".join(f"{v}:{fmt(m, 2)}" for v, m in means.items()) or curve.get("note", "-"), at_cap])
     blocks.append(Block("table", headers=["attribute", "rho", "rho per prompt", "slope", "shift",
-                                          "mean measured by requested value"], rows=rows))
+                                          "mean measured by requested value", "answers at the cap"], rows=rows))
     blocks.append(Block("p", f"Mean rho over attributes: {fmt(steer.get('mean_spearman'))}."))
     if "steering_curves" in plots:
         blocks.append(Block("img", "steering_curves"))
@@ -253,6 +254,32 @@ def _steer_blocks(steer: Mapping[str, Any], plots: Mapping[str, Path]) -> list[B
         blocks.append(Block("table", headers=[attribute, "tokens", "measured", "answer"],
                             rows=[[str(a["value"]), str(a["tokens"]), fmt(a.get("measured"), 2),
                                    a["answer"].replace("\n", " ")] for a in answers]))
+    return blocks
+
+
+def _sets_blocks(sets: Mapping[str, Any]) -> list[Block]:
+    blocks = [Block("h2", "Steerability on other prompts"), Block("p", (
+        "The same grid on prompt sets unlike the training data (e.g. real user instructions): does steering "
+        "carry over beyond the data's own topics?"))]
+    rows = []
+    for name, steer in sets.items():
+        length = (steer.get("verbosity_length") or {}).get("spearman")
+        for attribute, curve in steer["per_attribute"].items():
+            rows.append([name, attribute, fmt(curve.get("spearman")), fmt(curve.get("shift")),
+                         fmt(length) if attribute == "verbosity" else "-", str(steer.get("at_cap", 0))])
+    blocks.append(Block("table", headers=["prompts", "attribute", "rho", "shift", "verbosity vs length rho",
+                                          "answers at the cap (set)"], rows=rows))
+    return blocks
+
+
+def _probe_blocks(probe: Mapping[str, Any]) -> list[Block]:
+    blocks = [Block("h2", "Label probe"), Block("p", (
+        "Held-out answers scored by the policy under their true label and under the same label with one "
+        "attribute at each other value: gain = log-probability under the true value minus the mean under the "
+        "others (nats); best = how often the true value is the likeliest (chance given beside it)."))]
+    rows = [[a, fmt(r.get("n")), fmt(r.get("mean_gain_nats")), fmt(r.get("true_is_best")), fmt(r.get("chance"))]
+            for a, r in probe.items()]
+    blocks.append(Block("table", headers=["attribute", "answers", "gain (nats)", "best", "chance"], rows=rows))
     return blocks
 
 
@@ -283,6 +310,10 @@ def build_blocks(results: Mapping[str, Any], plots: Mapping[str, Path]) -> list[
         blocks += _reward_blocks(results["reward"], plots)
     if results.get("steerability"):
         blocks += _steer_blocks(results["steerability"], plots)
+    if results.get("steerability_sets"):
+        blocks += _sets_blocks(results["steerability_sets"])
+    if results.get("probe"):
+        blocks += _probe_blocks(results["probe"])
     if results.get("bootstrap"):
         blocks += _bootstrap_blocks(results["bootstrap"], plots)
     timings = results.get("timings") or {}

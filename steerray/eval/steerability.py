@@ -12,7 +12,7 @@ Everything here is pure: rows in, numbers out, so it is tested without Ray or mo
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -171,6 +171,9 @@ def summarize_grid(rows: Sequence[Mapping[str, Any]], measured_attributes: Seque
         else:
             attributes[attribute] = {"spearman": None, "note": "the reward model does not predict it",
                                      "n": len(group)}
+        # Answers that ran into the generation cap: a long answer cut short reads as a shorter one.
+        attributes[attribute]["at_cap_by_value"] = dict(sorted(Counter(
+            str(r["value"]) for r in group if r.get("finish_reason") == "length").items()))
         cross[attribute] = {m: spearman(values, [float(r["scores"][m]) for r in group])
                             for m in measured_attributes}
     summary: dict[str, Any] = {"per_attribute": attributes, "cross": cross}
@@ -183,6 +186,7 @@ def summarize_grid(rows: Sequence[Mapping[str, Any]], measured_attributes: Seque
     rhos = [a["spearman"] for a in attributes.values() if a.get("spearman") is not None]
     summary["mean_spearman"] = float(np.mean(rhos)) if rhos else None
     summary["rows"] = len(rows)
+    summary["at_cap"] = sum(1 for r in rows if r.get("finish_reason") == "length")
     return summary
 
 

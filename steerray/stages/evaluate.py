@@ -32,10 +32,12 @@ from steerray.attributes import ATTRIBUTES, LabelError, model_label_attributes, 
 from steerray.config import EvaluateConfig
 from steerray.errors import SteerrayError
 from steerray.eval.metrics import label_means, pairwise_metrics, regression_metrics
+from steerray.eval.probe import probe_items, probe_policy
 from steerray.eval.report import write_report
 from steerray.eval.sampling import SKIPPED, SampleScorer, TextScorer, map_rows
 from steerray.eval.steerability import build_grid, example_answers, held_out_prompts, summarize_grid
-from steerray.models.loading import resolve_model
+from steerray.models.loading import load_causal_lm, load_tokenizer, resolve_model
+from steerray.models.precision import inference_dtype
 from steerray.models.reward import reward_model_attributes
 from steerray.stages import StageResult, job_main
 
@@ -117,13 +119,18 @@ def grid_prompts(cfg: EvaluateConfig) -> list[str]:
     return held_out_prompts(conversations, steer.num_prompts)
 
 
-def steerability(cfg: EvaluateConfig, attributes: list[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def steerability(cfg: EvaluateConfig, attributes: list[str]
+                 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """The grid on the held-out prompts and on every named prompt set, in one pass of the actor pool:
+    (held-out summary, summaries of the other sets, every scored row)."""
     steer = cfg.steerability
-    prompts = grid_prompts(cfg)
     assert cfg.policy is not None
-    grid = build_grid(prompts, steer.attributes, steer.values, label_attributes=model_label_attributes(cfg.policy))
-    for row in grid:
-        row["messages"] = json.dumps(row["messages"], ensure_ascii=False)
+    sets = {"held_out": grid_prompts(cfg), **steer.prompt_sets}
+    label_attributes = model_label_attributes(cfg.policy)
+    grid: list[dict[str, Any]] = []
+    for name, prompts in sets.items():
+        for row in build_grid(prompts, steer.attributes, steer.values, label_attributes=label_attributes):
+            grid.append({**row, "id": len(grid), "set": name, "messages": json.dumps(row["messages"])})
     rows = map_rows(grid, SampleScorer, {"policy": cfg.policy, "reward_model": cfg.reward_model,
                                          "sampling": steer.sampling.model_dump(),
                                          "reward_max_length": cfg.reward.max_length},
@@ -131,13 +138,48 @@ def steerability(cfg: EvaluateConfig, attributes: list[str]) -> tuple[dict[str, 
     for row in rows:
         row["scores"] = json.loads(row["scores"])
         row["messages"] = json.loads(row["messages"])
+    summaries = {name: summarize_set(cfg, [r for r in rows if r["set"] == name], prompts, attributes)
+                 for name, prompts in sets.items()}
+    held_out = summaries.pop("held_out")
+    return held_out, summaries, rows
+
+
+def summarize_set(cfg: EvaluateConfig, rows: list[dict[str, Any]], prompts: list[str],
+                  attributes: list[str]) -> dict[str, Any]:
+    steer = cfg.steerability
     scored = [r for r in rows if r["finish_reason"] != SKIPPED]
     summary = summarize_grid(scored, attributes)
     example_attribute = "verbosity" if "verbosity" in steer.attributes else steer.attributes[0]
     summary.update(prompts=prompts, attributes=steer.attributes, values=steer.values,
                    skipped_prompt_too_long=len(rows) - len(scored), sampling=steer.sampling.model_dump(),
                    examples={example_attribute: example_answers(scored, example_attribute)})
-    return summary, rows
+    return summary
+
+
+def label_probe(cfg: EvaluateConfig) -> dict[str, Any] | None:
+    """The label probe on held-out conversations: forward passes only, in one Ray task (on a GPU if any)."""
+    import ray
+
+    conversations = read_split(cfg.data, "conversations", "val", None)
+    if not (cfg.probe.enabled and cfg.policy and conversations):
+        return None
+    trained = model_label_attributes(cfg.policy)
+    items = probe_items(conversations, trained, cfg.probe.num_conversations)
+    wanted = [a for a in (cfg.probe.attributes or cfg.steerability.attributes) if trained is None or a in trained]
+    task = ray.remote(num_cpus=1, num_gpus=1 if runtime.cluster_gpus() else 0)(probe_task)
+    return ray.get(task.remote(cfg.policy, cfg.steerability.sampling.precision, items, wanted, cfg.probe.values))
+
+
+def probe_task(policy: str, precision: str, items: list[Any], attributes: list[str], values: list[int]) -> dict:
+    import os
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))  # Ray gives a task one thread
+    model = load_causal_lm(policy, dtype=inference_dtype(precision, device)).to(device).eval()
+    return probe_policy(model, load_tokenizer(policy), items, attributes, values)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -170,6 +212,12 @@ def key_metrics(results: dict[str, Any]) -> dict[str, Any]:
             metrics[f"steer_spearman_{name}"] = curve.get("spearman")
         if steer.get("verbosity_length"):
             metrics["verbosity_length_spearman"] = steer["verbosity_length"]["spearman"]
+        metrics["answers_at_cap"] = steer.get("at_cap")
+    for set_name, summary in (results.get("steerability_sets") or {}).items():
+        for name, curve in summary["per_attribute"].items():
+            metrics[f"steer_spearman_{name}_{set_name}"] = curve.get("spearman")
+    for name, probe in (results.get("probe") or {}).items():
+        metrics[f"probe_gain_{name}"] = probe.get("mean_gain_nats")
     return metrics
 
 
@@ -209,8 +257,11 @@ def run(cfg: EvaluateConfig) -> StageResult:
     grid_rows: list[dict[str, Any]] = []
     if cfg.steerability.enabled and cfg.policy:
         start = time.time()
-        results["steerability"], grid_rows = steerability(cfg, attributes)
+        results["steerability"], results["steerability_sets"], grid_rows = steerability(cfg, attributes)
         timings["steerability"] = time.time() - start
+        start = time.time()
+        results["probe"] = label_probe(cfg)
+        timings["label probe"] = time.time() - start
         write_jsonl(out / "grid.jsonl", grid_rows)
     results["bootstrap"] = bootstrap_section(cfg.bootstrap)
     results["timings"] = timings
