@@ -67,8 +67,8 @@ def launch(stage_name: str, config: str | None, overrides: list[str] | None, add
             submit_job(stage.module, resolved, address, env_vars={token_env: secret} if token_env and secret else None)
             return {}
         return execute(stage, resolved)
-    except SteerrayError as err:
-        fail(str(err), code=1)
+    except SteerrayError as err:  # 2: the input or config is wrong (found before anything ran); 1: a run failed
+        fail(str(err), code=2 if getattr(err, "found_before_start", False) else 1)
     raise AssertionError("unreachable")
 
 
@@ -378,9 +378,12 @@ def chat(
 
     try:
         session = ChatSession(url.rstrip("/"), parse_steering(steering), system, max_tokens, temperature)
+    except SteerrayError as err:
+        fail(str(err))  # 2: a bad --steering
+    try:
         run_chat(session, token, message)
     except (SteerrayError, httpx.HTTPError) as err:
-        fail(str(err), code=1 if message is not None else 2)
+        fail(str(err), code=1)  # the server refused or failed
 
 
 if __name__ == "__main__":

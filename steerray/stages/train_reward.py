@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from steerray.artifacts import content_fingerprint, write_jsonl
+from steerray.artifacts import write_jsonl
 from steerray.config import ConfigError, RewardConfig
 from steerray.eval.metrics import label_means, pairwise_metrics, regression_metrics
 from steerray.models.loading import resolve_model
@@ -165,9 +165,8 @@ def run(cfg: RewardConfig) -> StageResult:
     summary = fit(Fit(
         name="train-reward", task=f"{__name__}:RewardTask", config=cfg, out=out, datasets=datasets,
         train_rows=len(train.rows), tokenizer=tokenizer, options={"baseline": baseline},
-        fingerprint={"model": cfg.model.name, "init_from": cfg.init_from, "attributes": cfg.attributes,
-                     "loss": cfg.loss, "lora": cfg.lora.model_dump(), "data": content_fingerprint([train_file]),
-                     "global_batch_size": cfg.train.global_batch_size, "seed": cfg.train.seed}))
+        data_files=[str(train_file)],
+        fingerprint={"init_from": cfg.init_from, "attributes": cfg.attributes, "loss": cfg.loss}))
     counts = {"train_rows": len(train.rows), "val_rows": len(val.rows) if val else 0, "rejected": len(rejects),
               "skipped": len(skipped), "skipped_by_reason": rd.count_reasons(skipped),
               "truncated": truncated, "train_total": train.total, "val_total": val.total if val else 0}

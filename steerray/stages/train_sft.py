@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
-from steerray.artifacts import atomic_write_text, content_fingerprint, write_jsonl
+from steerray.artifacts import atomic_write_text, write_jsonl
 from steerray.attributes import LABEL_ATTRIBUTES_KEY, steering_label
 from steerray.config import SFTConfig
 from steerray.data import readers
@@ -40,7 +40,7 @@ from steerray.models.generation import generate_batch
 from steerray.models.loading import load_causal_lm, resolve_model
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
-from steerray.templates import generation_prompt
+from steerray.templates import generation_prompt, steerlm_chat_template
 from steerray.training.batching import collate_sft
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
@@ -82,7 +82,10 @@ class SFTTask(TrainTask):
         count = sum(n for _, n in parts)
         return {"loss": sum(s for s, _ in parts) / count if count else None, "tokens": count}
 
-    def before_export(self, prepared: Any) -> None:
+    def before_export(self, prepared: Any, tokenizer: Any) -> None:
+        # The exported tokenizer renders the SteerLM template itself: plain transformers or vLLM users steer
+        # with apply_chat_template(..., steering={"verbosity": 0}) (chat_template_kwargs in vLLM).
+        tokenizer.chat_template = steerlm_chat_template(self.config.label_attributes)
         config = prepared.base_hf_model().config
         config.use_cache = True  # the exported model generates with a KV cache
         if self.config.label_attributes is not None:  # serve/evaluate/bootstrap render the label it learnt
@@ -174,12 +177,8 @@ def run(config: SFTConfig) -> StageResult:
     datasets = {"train": split("train"), **({"val": split("val")} if counts.get("val_ok") else {})}
     summary = fit(Fit(
         name="sft", task=f"{__name__}:SFTTask", config=config, out=out, datasets=datasets,
-        train_rows=counts["train_ok"], tokenizer=config.model.name,
-        fingerprint={"model": config.model.name, "max_length": config.model.max_length,
-                     "lora": config.lora.model_dump(exclude={"merge_on_export"}),
-                     "global_batch_size": config.train.global_batch_size, "seed": config.train.seed,
-                     "label_attributes": config.label_attributes,
-                     "data": content_fingerprint(files.train + files.val)}))
+        train_rows=counts["train_ok"], tokenizer=config.model.name, data_files=files.train + files.val,
+        fingerprint={"label_attributes": config.label_attributes}))
     summary["val_loss_first"] = (summary.pop("val_first") or {}).get("loss")
     summary["val_loss"] = (summary.pop("val") or {}).get("loss")
     summary["train_loss"] = summary.pop("last_loss")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from steerray.artifacts import config_to_dict
+from steerray.artifacts import config_to_dict, content_fingerprint
 from steerray.config import TrainLoopConfig, TrainStageConfig
 from steerray.errors import SteerrayError
 from steerray.training.batching import accumulation_steps, steps_per_epoch
@@ -40,7 +40,8 @@ class Fit:
     datasets: dict[str, Any]  # Ray datasets: "train" and, when there is one, "val"
     train_rows: int
     tokenizer: str  # where workers load the tokenizer from
-    fingerprint: dict[str, Any]  # what checkpoints in out/checkpoints must come from to be resumed
+    data_files: list[str]  # the files the datasets were read from: their content is part of the fingerprint
+    fingerprint: dict[str, Any] = field(default_factory=dict)  # what else resumable checkpoints must match
     options: dict[str, Any] = field(default_factory=dict)  # the task's own settings (JSON-able)
 
 
@@ -60,7 +61,7 @@ def fit(job: Fit) -> dict[str, Any]:
     plan = plan_ray_scaling(cfg.scaling)
     steps = planned_steps(cfg.train, job.train_rows, plan.num_workers)
     check_schedule(cfg.optim, steps)
-    resuming = check_fingerprint(job.out / "checkpoints", job.fingerprint)
+    resuming = check_fingerprint(job.out / "checkpoints", run_fingerprint(job))
     log.info("%s: %d train rows, %d steps, %d workers%s", job.name, job.train_rows, steps, plan.num_workers,
              "; resuming from checkpoints" if resuming else "")
     trainer = TorchTrainer(
@@ -81,6 +82,15 @@ def fit(job: Fit) -> dict[str, Any]:
     except ray.train.TrainingFailedError as err:
         raise TrainingFailed(failure_advice(job, err)) from None
     return getattr(result, "return_value", None) or {}
+
+
+def run_fingerprint(job: Fit) -> dict[str, Any]:
+    """What checkpoints in out/checkpoints must come from to be resumed: the model, LoRA, batch size, seed,
+    the data's content, and what the stage adds (its loss, attributes, label attributes)."""
+    cfg = job.config
+    return {"model": cfg.model.name, "max_length": cfg.model.max_length,
+            "lora": cfg.lora.model_dump(exclude={"merge_on_export"}), "global_batch_size": cfg.train.global_batch_size,
+            "seed": cfg.train.seed, "data": content_fingerprint(job.data_files), **job.fingerprint}
 
 
 def worker_errors(err: BaseException) -> list[BaseException]:

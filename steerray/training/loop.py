@@ -89,8 +89,9 @@ class TrainTask:
         """Validation metrics over every row exactly once across workers (a collective)."""
         raise NotImplementedError
 
-    def before_export(self, prepared: PreparedModel) -> None:
-        """Last changes to the model's config before it is written (e.g. the trained label attributes)."""
+    def before_export(self, prepared: PreparedModel, tokenizer: Any) -> None:
+        """Last changes to the model's config and tokenizer before they are written (label attributes,
+        chat template)."""
 
     def after_export(self, out: Path, tokenizer: Any, strategy: Strategy) -> dict[str, Any]:
         """Rank 0, after the export: extra outputs (samples) and their entries for the summary."""
@@ -298,7 +299,7 @@ def one_step(task: TrainTask, prepared: PreparedModel, stepper: Any, rows: Rows,
 def finish(task: TrainTask, prepared: PreparedModel, tokenizer: Any, out: Path, state: RunState, steps: int,
            telemetry: Telemetry) -> dict[str, Any]:
     """Export (collective), then rank 0's extras and the summary every training stage reports."""
-    task.before_export(prepared)
+    task.before_export(prepared, tokenizer)
     export_model(prepared, out / "model", tokenizer)
     strategy = prepared.strategy
     if not strategy.is_rank0:

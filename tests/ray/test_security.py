@@ -91,5 +91,5 @@ def test_serving_beyond_loopback_without_a_token_is_refused_before_ray_starts(co
     monkeypatch.delenv("STEERRAY_API_TOKEN", raising=False)
     model = tiny_reward_dir if command == "serve-reward" else "tiny-llama"
     result = CliRunner().invoke(app, [command, "--model", model, "--host", "0.0.0.0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an input problem, found before anything started
     assert "refusing to serve on 0.0.0.0 without a bearer token" in result.output

@@ -14,9 +14,9 @@ from steerray.serving.engines import (
     SamplingParams,
     TransformersEngine,
     choose_engine,
-    make_engine,
     vllm_available,
 )
+from steerray.serving.factory import make_engine
 from steerray.serving.openai_schema import stop_strings
 
 STOPS = stop_strings()

@@ -95,29 +95,30 @@ def test_fresh_run_then_everything_skips(tmp_path):
     cfg = _cfg(tmp_path)
     stages = resolve_stages(cfg)
     state = load_state(tmp_path / "t")
-    assert [d.action for d in plan(stages, state)] == ["run", "run", "run", "run", "disabled", "run"]
+    assert [d.action for d in plan(stages, state)] == ["run", "run", "disabled", "run", "run", "disabled", "run"]
     for item in stages:
         if item.enabled:
             _finish(item, state, current_fingerprints(stages))
-    assert [d.action for d in plan(stages, state)] == ["skip", "skip", "skip", "skip", "disabled", "skip"]
+    assert [d.action for d in plan(stages, state)] == ["skip", "skip", "disabled", "skip", "skip", "disabled", "skip"]
     # a changed config reruns that stage and everything downstream of it, nothing upstream
     changed = resolve_stages(_cfg(tmp_path, "annotate.batch_size=3"))
     decisions = plan(changed, state)
-    assert [d.action for d in decisions] == ["skip", "skip", "run", "run", "disabled", "run"]
-    assert decisions[2].reason == "config changed" and decisions[2].clear
-    assert decisions[3].reason.startswith("input re-ran: annotate")
-    assert decisions[5].reason.startswith("input re-ran: sft")  # evaluate reads the SFT model
+    assert [d.action for d in decisions] == ["skip", "skip", "disabled", "run", "run", "disabled", "run"]
+    assert decisions[3].reason == "config changed" and decisions[3].clear
+    assert decisions[4].reason.startswith("input re-ran: annotate")
+    assert decisions[6].reason.startswith("input re-ran: sft")  # evaluate reads the SFT model
     # a change at the end reruns only the end
     assert [d.action for d in plan(resolve_stages(_cfg(tmp_path, "evaluate.reward.batch_size=3")), state)] == [
-        "skip", "skip", "skip", "skip", "disabled", "run"]
+        "skip", "skip", "disabled", "skip", "skip", "disabled", "run"]
     # evaluate reads prepare, reward, sft: after sft reruns it must rerun too (checked on the real state)
-    annotate, sft, evaluate = changed[2], changed[3], changed[5]
+    annotate, sft, evaluate = changed[3], changed[4], changed[6]
     _finish(annotate, state, current_fingerprints(changed))
     assert decide(sft, state, current_fingerprints(changed)).reason == "input changed: annotate"
     _finish(sft, state, current_fingerprints(changed))
     assert decide(evaluate, state, current_fingerprints(changed)).reason == "input changed: sft"
     # --rerun reward: reward and everything reading it, directly or not
-    assert [d.action for d in plan(changed, state, "train-reward")] == ["skip", "run", "run", "run", "disabled", "run"]
+    assert [d.action for d in plan(changed, state, "train-reward")] == [
+        "skip", "run", "disabled", "run", "run", "disabled", "run"]
 
 
 def test_unfinished_stage_resumes_or_clears(tmp_path):
