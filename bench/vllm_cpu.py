@@ -9,9 +9,10 @@ as the server does. Prompts are in SmolLM2's own ChatML format by default, where
 full answers (``--format steerlm``: the SteerLM template at the default steering, which SmolLM2 answers in
 a few tokens, so that run measures mostly prefill):
 
-1. baseline:  steerray's TransformersEngine in fp32 (the CPU default), all requests at once
-2. vllm-fp32: steerray's VLLMEngine in fp32
-3. vllm-bf16: steerray's VLLMEngine in bf16 (native on AVX512-BF16/AMX CPUs; the CPU default of vLLM)
+1. baseline:  steerray's TransformersEngine in fp32, all requests at once
+2. hf-bf16:   the same in bf16 (precision auto on CPUs with AVX512-BF16/AMX)
+3. vllm-fp32: steerray's VLLMEngine in fp32
+4. vllm-bf16: steerray's VLLMEngine in bf16 (precision auto on such CPUs)
 
 Prints start-up time, generated tokens/s and its ratio to the baseline, and how many leading tokens of
 each answer equal the baseline's (fp32 vs fp32 should agree token for token; bf16 drifts).
@@ -62,6 +63,7 @@ def run_engine(engine, prompts: list[str], max_tokens: int) -> tuple[float, list
         return time.perf_counter() - started, results
     finally:
         engine.shutdown()
+        loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()
 
 
@@ -86,15 +88,17 @@ def main() -> None:
         os.environ["STEERRAY_VLLM_EAGER"] = "1"
 
     from steerray.models.loading import resolve_model
-    from steerray.serving.engines import TransformersEngine, make_engine
+    from steerray.serving.engines import TransformersEngine
+    from steerray.serving.factory import make_engine
 
     model, prompts = resolve_model(args.model), prompts_for(args.prompts, args.format)
     rows = []
-    for name in ("baseline", "vllm-fp32", "vllm-bf16"):
+    for name in ("baseline", "hf-bf16", "vllm-fp32", "vllm-bf16"):
         started = time.perf_counter()
-        if name == "baseline":
+        if not name.startswith("vllm"):
             engine = TransformersEngine(model, max_batch_size=args.prompts, batch_wait_ms=50,
-                                        precision="fp32", threads=len(os.sched_getaffinity(0)))
+                                        precision="bf16" if name == "hf-bf16" else "fp32",
+                                        threads=len(os.sched_getaffinity(0)))
         else:
             engine = make_engine("vllm", model, precision=name.split("-")[1], max_batch_size=args.prompts,
                                  max_model_len=1024)

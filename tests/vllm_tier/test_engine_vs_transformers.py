@@ -14,7 +14,8 @@ import pytest
 from vllm_support import VLLM_TIER
 
 from steerray.attributes import steering_label
-from steerray.serving.engines import SamplingParams, TransformersEngine, make_engine
+from steerray.serving.engines import SamplingParams, TransformersEngine
+from steerray.serving.factory import make_engine
 from steerray.serving.openai_schema import stop_strings
 from steerray.templates import generation_prompt
 
