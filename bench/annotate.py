@@ -81,14 +81,15 @@ def timed(fn):
 
 
 def run_annotate(work: Path, name: str, model: str, input_file: Path, args, **extra) -> tuple[Path, float]:
-    from steerray.runtime import load_job_module
+    from steerray.stages import annotate as annotate_stage
 
     out = work / name
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump({"model": model, "input": str(input_file), "out": str(out),
                                       "batch_size": args.batch_size, "max_length": args.max_length,
                                       "threads_per_actor": args.threads, **extra}))
-    summary, seconds = timed(lambda: load_job_module("annotate").main(["--config", str(config)]))
+    # the stage's Ray job entry point, as `ray job submit -- python -m steerray.stages.annotate` runs it
+    summary, seconds = timed(lambda: annotate_stage.main(["--config", str(config)]))
     assert summary["rejects"] == 0 and summary["rows"] == args.rows, summary
     return out / input_file.name, seconds
 

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from steerray.config import PrepareConfig  # noqa: E402
 from steerray.data.sources import convert_raw_row  # noqa: E402
-from steerray.runtime import init_ray, load_job_module  # noqa: E402
+from steerray.runtime import init_ray  # noqa: E402
+from steerray.stages import execute  # noqa: E402
 
 WORDS = "the model answers questions about data systems clearly and helps users learn quickly".split()
 
@@ -71,12 +72,11 @@ class PeakMemory:
 
 
 def run_prepare(path: Path, out: Path) -> tuple[float, PeakMemory]:
-    job = load_job_module("prepare")
-    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)  # a finished folder would be skipped, not measured
     config = PrepareConfig(sources=[f"helpsteer2={path}"], out=str(out), val_fraction=0.05)
     with PeakMemory() as memory:
         started = time.perf_counter()
-        job.run(config)
+        execute("prepare", config)
         seconds = time.perf_counter() - started
     return seconds, memory
 

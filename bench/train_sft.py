@@ -10,9 +10,9 @@ one worker gives the baseline its batches), same micro-batch size, same tokeniza
 
 1. baseline:  one process, all CPU threads, HF model + peft (if LoRA) + torch AdamW, ``loss.backward()``
               per micro-batch, the textbook loop;
-2. steerray:  ``jobs/train_sft.py`` as users run it: Ray Data tokenization, a TorchTrainer with
-              ``--workers`` workers (``--strategy``: DDP, as the demo preset, or FSDP2), token-mean loss
-              normalised across workers.
+2. steerray:  the ``train-sft`` stage as users run it (``steerray.stages.execute``): Ray Data
+              tokenization, a TorchTrainer with ``--workers`` workers (``--strategy``: DDP, as the demo
+              preset, or FSDP2), token-mean loss normalised across workers.
 
 Throughput = real (unpadded) tokens per second of the training loop (start-up, evaluation, export and
 samples excluded on both sides); MFU = model FLOPs (6N, or 4N + 2 x trainable for LoRA) x tokens/s over the
@@ -48,9 +48,9 @@ def baseline(args: argparse.Namespace, data: Path) -> dict[str, float]:
     import torch
 
     from steerray.config import LoraConfig
-    from steerray.data.sft import STATUS_OK, collate_sft, example_from_json
+    from steerray.data.sft import STATUS_OK, example_from_json
     from steerray.models.loading import load_causal_lm, load_tokenizer
-    from steerray.training.batching import plan_step
+    from steerray.training.batching import collate_sft, plan_step
     from steerray.training.metrics import measure_matmul_peak, train_flops_per_token_partial
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -100,7 +100,8 @@ def baseline(args: argparse.Namespace, data: Path) -> dict[str, float]:
 
 def steerray_run(args: argparse.Namespace, data: Path, out: Path) -> dict[str, float]:
     from steerray.config import SFTConfig, load_config
-    from steerray.runtime import init_ray, load_job_module
+    from steerray.runtime import init_ray
+    from steerray.stages import execute
 
     overrides = [f"data={data}", f"out={out}", f"model.name={args.model}", f"model.max_length={args.max_length}",
                  f"lora.enabled={not args.full}", f"lora.r={args.lora_r}", f"lora.alpha={2 * args.lora_r}",
@@ -108,13 +109,13 @@ def steerray_run(args: argparse.Namespace, data: Path, out: Path) -> dict[str, f
                  f"train.micro_batch_size={args.micro_batch}", "train.checkpoint_every=100000",
                  f"scaling.num_workers={args.workers}", f"scaling.strategy={args.strategy}",
                  "scaling.max_failures=0", "val_fraction=0.0",
+                 "scaling.precision=fp32",  # like the baseline (precision auto is bf16 on CPUs with AMX)
                  "sample_prompts=[]", "optim.warmup_steps=0", "logging.progress_bar=false"]
     config = load_config(SFTConfig, "tiny/sft", overrides)
     init_ray()
     started = time.perf_counter()
-    summary = load_job_module("train_sft").run(config)
-    return {"tokens_per_s": summary["tokens_per_s"], "seconds": summary["seconds"],
-            "wall_s": time.perf_counter() - started}
+    summary = execute("sft", config)
+    return {"tokens_per_s": summary["tokens_per_s"], "wall_s": time.perf_counter() - started}
 
 
 def main() -> None:

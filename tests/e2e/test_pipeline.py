@@ -1,4 +1,5 @@
-"""The whole loop through the real CLI on the tiny preset: interrupted mid-stage, resumed, then all skipped.
+"""The whole loop through the real CLI on the tiny preset: interrupted mid-stage, resumed, then all skipped;
+and run from an empty folder with a relative run name, as a new user runs it.
 
 Each `steerray pipeline` run is its own process (its own embedded Ray), as a user runs it.
 """
@@ -18,21 +19,26 @@ import pytest
 from typer.testing import CliRunner
 
 from steerray.cli import app
+from steerray.stages import PIPELINE_STAGES
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
+# The stages the tiny preset runs (bootstrap included); every other pipeline stage is switched off there
+# (evaluate_reward, for one, needs RewardBench files).
+TINY_STAGES = ("prepare", "reward", "annotate", "sft", "bootstrap", "evaluate")
+TINY_OFF = {stage: "disabled" for stage in PIPELINE_STAGES if stage not in TINY_STAGES}
+ALL_SKIPPED = {**{stage: "skipped" for stage in TINY_STAGES}, **TINY_OFF}
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "RAY_AUTH_MODE": "disabled",
        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def _command(runs: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "steerray.cli", "pipeline", "--config", "jobs/configs/tiny/pipeline.yaml",
-            f"runs_dir={runs}", *extra]
+    return [sys.executable, "-m", "steerray.cli", "pipeline", "--config", "tiny", f"runs_dir={runs}", *extra]
 
 
-def _summary(runs: Path) -> dict[str, str]:
-    summary = json.loads((runs / "tiny" / "summary.json").read_text())
+def _summary(runs: Path, run: str = "tiny") -> dict[str, str]:
+    summary = json.loads((runs / run / "summary.json").read_text())
     return {stage["name"]: stage["action"] for stage in summary["stages"]}
 
 
@@ -83,7 +89,7 @@ def test_tiny_pipeline_interrupted_resumed_and_skipped(tmp_path):
     second = subprocess.run(_command(runs), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stderr[-4000:]
     assert _summary(runs) == {"prepare": "skipped", "reward": "skipped", "annotate": "skipped",
-                              "sft": "resumed", "bootstrap": "ran", "evaluate": "ran"}
+                              "sft": "resumed", "bootstrap": "ran", "evaluate": "ran", **TINY_OFF}
     print(f"resumed run: {time.time() - started:.0f} s")
 
     # the report: self-contained, with the steerability numbers and plots
@@ -102,5 +108,31 @@ def test_tiny_pipeline_interrupted_resumed_and_skipped(tmp_path):
     started = time.time()
     third = subprocess.run(_command(runs), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr[-3000:]
-    assert set(_summary(runs).values()) == {"skipped"}
+    assert _summary(runs) == ALL_SKIPPED
+    assert time.time() - started < 30  # nothing runs, Ray does not even start
+
+
+def test_relative_run_name_from_an_empty_folder(tmp_path):
+    """`steerray pipeline --config tiny --run NAME` in a fresh folder: outputs under ./runs/NAME, every stage
+    (bootstrap too: the tiny preset enables it) finishes, and the same command again skips them all."""
+    work = tmp_path / "work"
+    work.mkdir()
+    command = [sys.executable, "-m", "steerray.cli", "pipeline", "--config", "tiny", "--run", "rel"]
+    first = subprocess.run(command, cwd=work, env=ENV, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    root = work / "runs" / "rel"
+    assert sorted(p.name for p in work.iterdir()) == ["runs"]  # nothing written outside the run folder
+    assert _summary(work / "runs", "rel") == {**{stage: "ran" for stage in TINY_STAGES}, **TINY_OFF}
+    for stage in TINY_STAGES:
+        manifest = json.loads((root / stage / "manifest.json").read_text())
+        assert manifest["stage"] == stage, stage
+    # paths were resolved against the working folder, so the recorded config works from anywhere
+    assert json.loads((root / "evaluate" / "manifest.json").read_text())["config"]["policy"] == str(
+        root / "bootstrap" / "model")
+    assert (root / "bootstrap" / "model" / "config.json").is_file()
+
+    started = time.time()
+    second = subprocess.run(command, cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert _summary(work / "runs", "rel") == ALL_SKIPPED
     assert time.time() - started < 30  # nothing runs, Ray does not even start

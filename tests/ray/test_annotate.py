@@ -14,7 +14,7 @@ import yaml
 
 from steerray.annotation import load_predictor, score_conversations
 from steerray.artifacts import read_manifest
-from steerray.runtime import load_job_module
+from steerray.stages import annotate as annotate_stage
 from steerray.templates import make_conversation
 
 pytestmark = pytest.mark.ray
@@ -60,18 +60,18 @@ def run_annotate(out: Path, input_dir: Path, model: str, **extra) -> dict:
     config = out.parent / f"{out.name}.yaml"
     config.write_text(yaml.safe_dump({"model": model, "input": str(input_dir), "out": str(out),
                                       "block_size": BLOCK_SIZE, "batch_size": 8, **extra}))
-    return load_job_module("annotate").main(["--config", str(config)])
+    return annotate_stage.main(["--config", str(config)])  # the stage's Ray job entry point
 
 
 @pytest.fixture(scope="module")
 def full_run(ray_session, inputs, tiny_reward_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("annotate_out") / "full"
     summary = run_annotate(out, inputs[0], tiny_reward_dir)
-    assert summary["skipped"] is False
+    assert (summary["rows"], summary["rejects"]) == (29, 2)
     return out
 
 
-def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, tiny_reward_dir):
+def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, tiny_reward_dir, capsys):
     _, lines = inputs
     predictor = load_predictor(tiny_reward_dir)
     for split, raw in lines.items():
@@ -79,7 +79,9 @@ def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, 
         expected = [r.conversation for r in score_conversations(good, predictor, predictor.attributes)]
         got = [json.loads(line) for line in (full_run / split).read_text().splitlines()]
         assert got == expected, split  # same rows, same order, same labels
-    assert sorted(p.name for p in full_run.iterdir()) == ["manifest.json", "rejects.jsonl", "train.jsonl", "val.jsonl"]
+    # config.yaml: the resolved config (`--config out/config.yaml` runs it again); .lock: the run lock, kept free
+    assert sorted(p.name for p in full_run.iterdir()) == [".lock", "config.yaml", "manifest.json", "rejects.jsonl",
+                                                          "train.jsonl", "val.jsonl"]
     rejects = [json.loads(line) for line in (full_run / "rejects.jsonl").read_text().splitlines()]
     assert [(Path(r["file"]).name, r["line"]) for r in rejects] == [("train.jsonl", 5), ("train.jsonl", 13)]
     assert rejects[0]["reason"].startswith("malformed JSON")
@@ -89,16 +91,20 @@ def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, 
                  for t in r["conversations"] if t["from"] == "Assistant" and t.get("label") is not None)
     assert manifest["totals"] == {"input_rows": 31, "rows": 29, "rejects": 2, "turns_scored": scored, "truncated": 0}
     assert manifest["outputs"]["val.jsonl"]["rows"] == 6
-    # Same command again: nothing to do.
-    assert run_annotate(full_run, inputs[0], tiny_reward_dir)["skipped"] is True
+    # Same command again: nothing to do, nothing rewritten, the first run's summary back.
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in full_run.iterdir() if p.name != ".lock"}
+    capsys.readouterr()
+    again = run_annotate(full_run, inputs[0], tiny_reward_dir)
+    assert "is finished with this config and these inputs; nothing to do" in capsys.readouterr().err
+    assert again == manifest["summary"] and again["rows"] == 29
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in full_run.iterdir() if p.name != ".lock"} == before
 
 
 KILLER = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, sys.argv[2])
-    from steerray.runtime import load_job_module
-    job = load_job_module("annotate")
+    from steerray.stages import annotate as job
     write_part, calls = job.write_part, []
 
     def write_part_then_die(path, result):
@@ -130,7 +136,7 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_output(full_run, inputs
     assert len([p for p in parts if p.endswith(".part.jsonl")]) == 2 and any(p.endswith(".tmp") for p in parts)
     assert read_manifest(out) is None and not (out / "train.jsonl").exists()
 
-    summary = load_job_module("annotate").main(["--config", str(config)])
+    summary = annotate_stage.main(["--config", str(config)])
     assert summary["rows"] == 29 and summary["rejects"] == 2
     for name in ("train.jsonl", "val.jsonl", "rejects.jsonl"):
         assert (out / name).read_bytes() == (full_run / name).read_bytes(), name

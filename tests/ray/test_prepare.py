@@ -82,7 +82,8 @@ def test_rerun_is_a_no_op_and_errors_are_clear(ray_session, tmp_path: Path):
     first = (out / "conversations" / "train.jsonl").read_text()
     stamp = (out / "manifest.json").stat().st_mtime_ns
     result = prepare("--source", "demo", "--out", str(out), "demo_conversations=50")
-    assert result.exit_code == 0 and "up to date" in result.output
+    assert result.exit_code == 0, result.output
+    assert "is finished with this config and these inputs; nothing to do" in result.output
     assert (out / "manifest.json").stat().st_mtime_ns == stamp
     assert (out / "conversations" / "train.jsonl").read_text() == first
 

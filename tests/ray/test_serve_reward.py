@@ -15,7 +15,7 @@ import yaml
 from steerray.annotation import load_predictor, plan_scoring, score_conversations, turn_label
 from steerray.auth import auth_headers
 from steerray.config import ServeRewardConfig
-from steerray.runtime import load_job_module
+from steerray.stages import annotate as annotate_stage
 from steerray.templates import make_conversation
 
 pytestmark = pytest.mark.ray
@@ -138,7 +138,7 @@ def test_annotate_via_server_equals_in_process_and_user_config_retunes(server, p
     cfg = tmp_path / "via.yaml"
     cfg.write_text(yaml.safe_dump({"model": "unused-with-via", "input": str(tmp_path / "in.jsonl"),
                                    "out": str(tmp_path / "via"), "via": url}))
-    summary = _with_token(load_job_module("annotate"), cfg)
+    summary = _with_token(annotate_stage, cfg)
     assert (summary["rows"], summary["rejects"], summary["truncated"]) == (3, 1, 1)
     # The offline path equals the in-process model (test_annotate.py), so equal to it here means equal to both.
     expected = score_conversations(records, predictor, predictor.attributes)

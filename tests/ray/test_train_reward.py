@@ -62,20 +62,23 @@ def train_reward(*args: str):
     return result
 
 
-def exported_val_mse(model_dir: Path, data: Path) -> float:
-    """Val MSE of the exported folder, scored with plain transformers."""
+def exported_val_mse(model_dir: Path, data: Path, precision: str) -> float:
+    """Val MSE of the exported folder, scored with plain transformers in the precision training computed in
+    (``precision: auto`` is bf16 on a CPU with native bf16: the workers' validation ran in bf16)."""
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    from steerray.models.precision import torch_dtype
+
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(precision)).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = read_jsonl(data / "regression" / "val.jsonl")
     errors = []
     with torch.no_grad():
         for row in rows:
             ids = tokenizer(row["text"], add_special_tokens=False, return_tensors="pt")["input_ids"][:, -128:]
-            pred = model(input_ids=ids).logits[0].numpy()
+            pred = model(input_ids=ids).logits[0].float().numpy()
             label = np.asarray(row["label"])
             errors.extend(((pred - label) ** 2)[label != -100].tolist())
     return float(np.mean(errors))
@@ -108,7 +111,7 @@ def test_regression_run_survives_a_worker_failure_and_exports(tiny_run):
     assert val["n_rows"] == 16 and val["per_attribute"]["verbosity"]["n"] == 16
     assert val["per_attribute"]["toxicity"] == {"n": 0}  # no labels, no numbers
     # The exported folder, loaded with plain transformers, predicts what the trained model predicted.
-    assert exported_val_mse(out / "model", data) == pytest.approx(val["mse"], rel=1e-4)
+    assert exported_val_mse(out / "model", data, training["precision"]) == pytest.approx(val["mse"], rel=1e-4)
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == "regression"
 
 

@@ -1,14 +1,15 @@
 """`train-sft` on the session's local Ray: 2 CPU workers at 0.5 CPU, tiny-llama, three fits in all.
 
-1. FSDP2 full fine-tuning killed after the step-4 checkpoint, then the same command again: it resumes at
-   step 4, the loss falls, the export loads with AutoModelForCausalLM and generates, samples are written.
+1. FSDP2 full fine-tuning killed after the step-4 checkpoint (in-process ``execute``), then the same config
+   again through the Ray job entry point (``main --config-b64``): it resumes at step 4, the loss falls, the
+   export loads with AutoModelForCausalLM and generates, samples are written.
 2. LoRA over DDP with gradient accumulation, exported as an adapter, through the CLI.
-3. A file of nothing but bad rows fails before any worker starts, naming the file.
+3. A file of nothing but bad rows fails before any worker starts, naming the file (``execute`` raises
+   the data error; the job entry point exits 1 with the message).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import random
 from pathlib import Path
@@ -18,9 +19,13 @@ import yaml
 from typer.testing import CliRunner
 
 from steerray.cli import app
-from steerray.config import SFTConfig, dump_yaml, load_config
+from steerray.config import SFTConfig, load_config
 from steerray.data.sft import SFTDataError
+from steerray.runtime import encode_config
+from steerray.stages import execute
+from steerray.stages import train_sft as sft_stage
 from steerray.templates import make_conversation
+from steerray.training.launcher import TrainingFailed
 
 pytestmark = pytest.mark.ray
 
@@ -54,18 +59,9 @@ def tiny_config(data: Path, out: Path, *overrides: str) -> SFTConfig:
     return load_config(SFTConfig, "tiny/sft", [f"data={data}", f"out={out}", *overrides])
 
 
-@functools.cache
-def job_module():
-    """jobs/train_sft.py, loaded once (each load makes new classes, e.g. its exception type)."""
-    from steerray.runtime import load_job_module
-
-    return load_job_module("train_sft")
-
-
 def run_job(config: SFTConfig) -> dict:
-    from steerray.runtime import encode_config
-
-    return job_module().main(["--config-b64", encode_config(dump_yaml(config))])
+    """The stage's Ray job entry point, given the config the way the CLI submits it."""
+    return sft_stage.main(["--config-b64", encode_config(config)])
 
 
 def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
@@ -80,8 +76,8 @@ def test_fsdp_kill_resume_loss_falls_export_generates(ray_session, tmp_path):
     out = tmp_path / "sft"
     config = tiny_config(data, out, "train.fail_after_step=4", "scaling.max_failures=0",
                          "label_attributes=[verbosity,complexity]")
-    with pytest.raises(job_module().SFTTrainingFailed, match="injected failure") as failure:
-        run_job(config)
+    with pytest.raises(TrainingFailed, match="injected failure") as failure:
+        execute("sft", config)
     assert "Re-running the same command resumes" in str(failure.value)
     assert not (out / "manifest.json").exists()  # the stage did not finish
     assert list((out / "checkpoints").rglob("checkpoint_step00000004"))
@@ -147,10 +143,18 @@ def test_lora_ddp_adapter_export_via_cli(ray_session, tmp_path):
     assert len((out / "samples.jsonl").read_text().splitlines()) == 2
 
 
-def test_only_bad_rows_fail_before_training(ray_session, tmp_path):
+def test_only_bad_rows_fail_before_training(ray_session, tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"conversations": []}\nnot json\n', encoding="utf-8")
+    config = tiny_config(data, tmp_path / "out")
     with pytest.raises(SFTDataError, match="no trainable conversation in .*bad.jsonl"):
-        run_job(tiny_config(data, tmp_path / "out"))
+        execute("sft", config)
     rejects = (tmp_path / "out" / "rejects.jsonl").read_text().splitlines()
     assert len(rejects) == 2 and not (tmp_path / "out" / "checkpoints").exists()
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:  # the job entry point: exit 1, the error printed, no traceback
+        run_job(config)
+    assert exited.value.code == 1
+    assert f"error: no trainable conversation in {data}" in capsys.readouterr().err
