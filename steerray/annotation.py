@@ -15,7 +15,8 @@ through :func:`plan_scoring` -> a predictor -> :meth:`ScoringPlan.finish`:
 
 Resumable files: :func:`plan_blocks` cuts each input file into blocks of ``block_size`` lines (a block is
 a :class:`steerray.data.readers.ReadTask`, so Ray Data reads it with the prepare stage's reader), and
-:func:`annotate_rows` is the pure batch transform the actor pool runs on the numbered raw rows.
+:func:`annotate_block` reads one block and scores it with :func:`annotate_rows` (the pure transform over
+numbered raw rows); the actor pool runs it where the model is and writes the block's part file there.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import numpy as np
 from steerray.artifacts import atomic_path
 from steerray.attributes import LabelError, encode_label, parse_label, predictions_to_label
 from steerray.auth import auth_headers
-from steerray.data.readers import ReadTask, decode_json, decode_raw
+from steerray.data.readers import ReadTask, decode_json, decode_raw, read_task_rows
 from steerray.errors import SteerrayError
 from steerray.models.precision import inference_dtype
 from steerray.models.reward import load_reward_model, predict_texts
@@ -412,6 +413,22 @@ def block_result(split: str, index: int, rows: Iterable[Mapping[str, Any]]) -> B
         else:
             result.rejects.append(json.loads(row["out"]))
     return result
+
+
+def annotate_block(block: Mapping[str, Any], predict: Predictor, attributes: Sequence[str], *,
+                   keep_human_labels: bool = False, all_assistant_turns: bool = False) -> BlockResult:
+    """Read one block (``split``, ``block`` and its read task: ``file, start, end, first_line``), annotate its
+    rows with one predictor call, and return them in line order: the unit a part file holds."""
+    split, index = str(block["split"]), int(block["block"])
+    rows = list(read_task_rows({"file": str(block["file"]), "start": int(block["start"]),
+                                "end": int(block["end"]), "first_line": int(block["first_line"])}))
+    if not rows:
+        return BlockResult(split, index, [], [])
+    columns = {"split": [split] * len(rows), "block": [index] * len(rows),
+               **{key: [row[key] for row in rows] for key in ("file", "line", "raw", "error")}}
+    out = annotate_rows(columns, predict, attributes, keep_human_labels=keep_human_labels,
+                        all_assistant_turns=all_assistant_turns)
+    return block_result(split, index, [{name: out[name][i] for name in out} for i in range(len(rows))])
 
 
 def write_part(path: str | Path, result: BlockResult) -> None:

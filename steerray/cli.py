@@ -173,6 +173,54 @@ def bootstrap(
 
 
 @app.command()
+def steerlm2(
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    data: str | None = typer.Option(None, "--data", help="Training conversations (their contexts are the prompts)."),
+    policy: str | None = typer.Option(None, "--policy", help="The SteerLM-1 policy folder: Q' of round 0."),
+    reward_model: str | None = typer.Option(None, "--reward-model", help="The reward-model folder."),
+    reward_data: str | None = typer.Option(None, "--reward-data", help="A prepare output (fits the sigmas)."),
+    rounds: int | None = typer.Option(None, "--rounds", min=1, help="Rounds of steerlm2-data + train-steerlm2."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output folder (rounds/, model, steerlm2.json)."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """SteerLM 2.0 iteration: rounds of steerlm2-data then train-steerlm2, each round's model the next Q'."""
+    launch("steerlm2", config, overrides, address, data=data, policy=policy, reward_model=reward_model,
+           reward_data=reward_data, rounds=rounds, out=out)
+
+
+@app.command("steerlm2-data")
+def steerlm2_data(
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    data: str | None = typer.Option(None, "--data", help="Training conversations (their contexts are the prompts)."),
+    policy: str | None = typer.Option(None, "--policy", help="Q': the SteerLM-1 policy folder to sample from."),
+    reward_model: str | None = typer.Option(None, "--reward-model", help="The reward-model folder (log P(a|x,y))."),
+    reward_data: str | None = typer.Option(None, "--reward-data", help="A prepare output: regression/val.jsonl "
+                                           "fits the label likelihood's sigmas."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output folder (train.jsonl, val.jsonl, groups.jsonl)."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """SteerLM 2.0 data: n samples per prompt and label from Q', with log Q', log P(y|x) and log P(a|x,y)."""
+    launch("steerlm2_data", config, overrides, address, data=data, policy=policy, reward_model=reward_model,
+           reward_data=reward_data, out=out)
+
+
+@app.command("train-steerlm2")
+def train_steerlm2(
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    data: str | None = typer.Option(None, "--data", "-d", help="A steerlm2-data output or a SteerLM 2.0 jsonl."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Q': the policy the data was sampled from."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output folder; re-running with the same folder resumes."),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """SteerLM 2.0: train Q_theta from Q' on groups of weighted samples; logs the distance KL(w||b)."""
+    extra = [f"model.name={model}"] if model else []
+    launch("train_steerlm2", config, [*extra, *(overrides or [])], address, data=data, out=out)
+
+
+@app.command()
 def evaluate(
     config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     reward_model: str | None = typer.Option(None, "--reward-model", help="The reward-model folder."),
@@ -186,6 +234,24 @@ def evaluate(
     """Reward-model metrics on the val split and the steerability grid, written as a report."""
     launch("evaluate", config, overrides, address, reward_model=reward_model, policy=policy, data=data,
            bootstrap=bootstrap_dir, out=out)
+
+
+@app.command("evaluate-reward")
+def evaluate_reward(
+    model: str | None = typer.Option(None, "--model", "-m", help="Reward-model folder (from train-reward)."),
+    bench: list[str] = typer.Option([], "--bench", "-b", help="FORMAT[:NAME]=LOCATION, repeatable; formats: "
+                                    "rewardbench, bon, pairs. LOCATION: jsonl/jsonl.gz/parquet file, folder, hf:// path."),
+    score: str | None = typer.Option(None, "--score", help="The scalar ranked by: NAME, NAME=WEIGHT,... or helpsteer2 "
+                                     "(default: helpfulness, else quality)."),
+    out: str | None = typer.Option(None, "--out", "-o", help="Output folder (eval.json, report.md, scored rows)."),
+    batch_size: int | None = typer.Option(None, help="Texts per forward pass."),
+    config: str | None = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    address: str | None = typer.Option(None, "--address", help=ADDRESS_HELP),
+    overrides: list[str] | None = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Score RewardBench, best-of-N and chosen/rejected pair files with the reward model; a table per benchmark."""
+    launch("evaluate_reward", config, overrides, address, model=model, bench=list(bench) or None, score=score,
+           out=out, batch_size=batch_size)
 
 
 @app.command()

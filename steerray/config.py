@@ -414,6 +414,114 @@ class BootstrapConfig(StrictModel):
         return value
 
 
+class SteerLM2SamplingConfig(SamplingConfig):
+    """Sampling from Q' itself: log Q' must be the density the samples were drawn from."""
+
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    engine: Literal["auto", "transformers", "vllm"] = "transformers"
+
+
+class SteerLM2DataConfig(StrictModel):
+    """Stage `steerlm2-data` (SteerLM 2.0, spec 7.2): n samples per prompt and label from the SteerLM-1 policy Q',
+    each with log Q'(y|a,x), log P(y|x) and log P(a|x,y), in the reference's record schema."""
+
+    data: str = "runs/annotate"  # the SFT training conversations: their contexts are the prompts
+    policy: str = "runs/sft/model"  # Q': the sampling policy, and where train-steerlm2 starts
+    # P(y|x): a causal LM scored on the prompt without the label line; None = the policy itself
+    reference: str | None = None
+    reward_model: str = "runs/reward/model"
+    reward_data: str = "runs/prepare"  # a prepare output: its regression/val.jsonl fits the likelihood's sigmas
+    out: str = "runs/steerlm2_data"
+    samples_per_prompt: int = Field(4, ge=2)  # n: responses per group (one n for the whole file)
+    max_prompts: int | None = Field(None, ge=1)  # cap on distinct training contexts used
+    labels_per_prompt: int = Field(1, ge=1)  # target labels a drawn per prompt: one group each
+    # Target labels: each of these attributes drawn uniformly from label_values (seeded per prompt), the
+    # policy's other label attributes at `steering` over the documented defaults. None: every label
+    # attribute the policy was trained on (its config.json).
+    label_attributes: list[str] | None = None
+    label_values: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4])
+    steering: dict[str, int] = Field(default_factory=dict)
+    max_length: int = Field(512, ge=8)  # tokens per response: must equal train-steerlm2's model.max_length
+    max_attempts: int = Field(3, ge=1)  # a sample that did not end with "\n<extra_id_1>" is drawn again
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # groups held out (by prompt) for the distance before/after
+    sigma_rows: int | None = Field(2000, ge=2)  # validation rows the sigmas are fitted on
+    reward_max_length: int | None = Field(None, ge=8)  # None: what the reward model was trained with
+    reward_batch_size: int = Field(16, ge=1)
+    score_batch_size: int = Field(8, ge=1)  # responses per log-probability forward pass
+    # temperature 1 and top_p 1 are required: log Q' must be the density the samples were drawn from.
+    sampling: SteerLM2SamplingConfig = Field(default_factory=SteerLM2SamplingConfig)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "reward_model", "reward_data", "out")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy", "reference")
+
+    @field_validator("label_attributes")
+    @classmethod
+    def _label_attributes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(check_label_attributes(value))
+
+    @field_validator("label_values")
+    @classmethod
+    def _label_values(cls, value: list[int]) -> list[int]:
+        if not value or any(not 0 <= v <= 4 for v in value):
+            raise ValueError(f"label_values must be a non-empty list of values 0-4, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _samples_from_q(self) -> SteerLM2DataConfig:
+        steering_label(self.steering)
+        s = self.sampling
+        if s.temperature != 1.0 or s.top_p != 1.0:
+            raise ValueError(f"sampling.temperature={s.temperature} and sampling.top_p={s.top_p}: SteerLM 2.0's "
+                             "importance weights divide by log Q'(y|a,x), the policy's own density, so samples "
+                             "must come from it unchanged (temperature 1.0, top_p 1.0)")
+        if s.engine == "vllm":
+            raise ValueError("sampling.engine=vllm: steerlm2-data samples and scores with the same transformers "
+                             "model, so log Q' is the density of what was sampled; use transformers or auto")
+        if s.max_new_tokens + 2 > self.max_length:
+            raise ValueError(f"sampling.max_new_tokens ({s.max_new_tokens}) leaves no room for a prompt in "
+                             f"max_length ({self.max_length})")
+        return self
+
+
+class SteerLM2TrainConfig(TrainStageConfig):
+    """Stage `train-steerlm2`: train Q_theta (from Q' = model.name) on steerlm2-data groups. Rows are groups:
+    train.global_batch_size and train.micro_batch_size count groups of n responses."""
+
+    data: str = "runs/steerlm2_data"  # a steerlm2-data output (train.jsonl, val.jsonl) or one jsonl file
+    out: str = "runs/train_steerlm2"
+    samples_per_prompt: int | None = Field(None, ge=2)  # the n every group must have; None: the data's
+    # Labels may only name these attributes; None: the label attributes of model.name (its config.json).
+    label_attributes: list[str] | None = None
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "out")
+
+    @field_validator("label_attributes")
+    @classmethod
+    def _label_attributes(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else list(check_label_attributes(value))
+
+
+class SteerLM2Config(StrictModel):
+    """Pipeline stage `steerlm2`: rounds of steerlm2-data then train-steerlm2, each round's policy the next
+    round's Q'. Each round's two stages read a preset plus overrides; their folders and inputs are set here."""
+
+    data: str = "runs/annotate"
+    policy: str = "runs/sft/model"  # the SteerLM-1 policy: Q' of round 0
+    reward_model: str = "runs/reward/model"
+    reward_data: str = "runs/prepare"
+    out: str = "runs/steerlm2"
+    rounds: int = Field(1, ge=1)
+    data_preset: str | None = None  # a steerlm2_data preset or YAML (None: the stage's defaults)
+    data_overrides: list[str] = Field(default_factory=list)
+    train_preset: str | None = None  # a train_steerlm2 preset or YAML
+    train_overrides: list[str] = Field(default_factory=list)
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data", "reward_model", "reward_data", "out")
+    MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)
+
+
 class SteerabilityConfig(StrictModel):
     """The steerability grid: each attribute at each value, the others at their defaults."""
 
@@ -472,12 +580,14 @@ class EvaluateConfig(StrictModel):
     data: str | None = "runs/prepare"  # a prepare output: val splits and held-out prompts
     bootstrap: str | None = None  # a bootstrap output whose score movement goes into the report
     reward_bench: str | None = None  # an evaluate-reward output whose benchmark tables go into the report
+    # A steerlm2 output: its per-round distances, and its final model's steering beside the policy's.
+    steerlm2: str | None = None
     out: str = "runs/evaluate"
     reward: RewardEvalConfig = Field(default_factory=RewardEvalConfig)
     steerability: SteerabilityConfig = Field(default_factory=SteerabilityConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
-    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "reward_bench", "out")
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = ("reward_model", "data", "bootstrap", "reward_bench", "steerlm2", "out")
     MODEL_FIELDS: ClassVar[tuple[str, ...]] = ("policy",)
 
 
@@ -537,6 +647,8 @@ class PipelineConfig(StrictModel):
     annotate: StageSpec = Field(default_factory=StageSpec)
     sft: StageSpec = Field(default_factory=StageSpec)
     bootstrap: StageSpec = Field(default_factory=lambda: StageSpec(enabled=False))
+    # SteerLM 2.0 rounds after SFT (and bootstrap): steerlm2: {enabled: true, overrides: [rounds=2]}
+    steerlm2: StageSpec = Field(default_factory=lambda: StageSpec(enabled=False))
     evaluate: StageSpec = Field(default_factory=StageSpec)
     # Where a pipeline running as a Ray job submits each stage as its own Ray job (the head's job
     # server); None runs the stages in the pipeline's process (the embedded default).

@@ -7,6 +7,13 @@ Ray process listens on 127.0.0.1. Ray decides that when ``ray`` is first importe
 node address to 127.0.0.1 as well. Token authentication is switched off only for that loopback-only
 Ray; a cluster keeps whatever its operator set.
 
+The embedded Ray goes with its driver however the driver ends: a small reaper process (its own session, so
+signals to the driver's group do not reach it) waits for the driver's end of a pipe to close, then stops
+every process marked with the driver's ``STEERRAY_RAY_OWNER`` value (inherited through the environment,
+so it finds Ray's agents and workers after they were re-parented). After :func:`init_ray` a SIGTERM is a
+Ctrl-C for the driver (the stage unwinds, Ray shuts down at exit), and :func:`serve_until_stopped` takes a
+Serve app down within seconds even when the same signal also reached Ray's own processes.
+
 With ``--address`` the CLI submits ``python -m steerray.stages.<stage> --config-b64 ...``: the job runs
 the steerray installed on the cluster (no working tree is uploaded), secrets travel in the job's
 environment (never in its command line), and the CLI follows the job's logs until it ends.
@@ -20,8 +27,11 @@ import base64
 import json
 import logging
 import os
+import secrets
 import signal
+import subprocess
 import sys
+import threading
 import time
 from typing import Any, TypeVar
 
@@ -77,7 +87,12 @@ def init_ray(num_cpus: int | None = None, object_store_mb: int | None = None) ->
     if connecting_to_cluster():
         ray.init(address=os.environ["RAY_ADDRESS"], logging_config=logging_config)
     else:
+        start_reaper()  # first: a driver killed while Ray starts leaves nothing behind either
         _start_embedded(num_cpus, object_store_mb, logging_config)
+    if threading.current_thread() is threading.main_thread():
+        # Ray's core worker leaves SIGTERM to a C++ handler that aborts the driver (exit -6, no cleanup at
+        # all); make it a Ctrl-C instead, so the stage unwinds (locks, temp files) and Ray stops at exit.
+        signal.signal(signal.SIGTERM, _interrupt)
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -99,6 +114,81 @@ def _start_embedded(num_cpus: int | None, object_store_mb: int | None, logging_c
                 raise
             log.warning("Ray's node start-up timed out (busy machine?); retrying")
             ray.shutdown()
+
+
+# --------------------------------------------------------------------------------------------------
+# The reaper: the embedded Ray dies with its driver
+# --------------------------------------------------------------------------------------------------
+
+# Every process of an embedded Ray inherits this variable from the driver. After a kill -9 of the driver,
+# Ray's dashboard and runtime-env agents otherwise wait a minute or more for the dead GCS before they exit
+# (measured: tests/faults/test_process_cleanup.py); the reaper finds them by it, whoever their parent is now.
+OWNER_ENV = "STEERRAY_RAY_OWNER"
+REAPER_GRACE_S = 2.0  # SIGTERM first; SIGKILL what is still there after this long
+_reaper: subprocess.Popen[bytes] | None = None
+
+
+def start_reaper() -> str | None:
+    """Start this driver's reaper (once per process) and mark the environment Ray's processes will inherit;
+    returns the mark's value (None where there is no ``/proc`` to find marked processes in)."""
+    global _reaper
+    if not os.path.isdir("/proc/self"):
+        return None
+    if _reaper is not None and _reaper.poll() is None:
+        return os.environ[OWNER_ENV]
+    token = f"{os.getpid()}-{secrets.token_hex(8)}"
+    code = "import sys; from steerray.runtime import reap_when_orphaned; reap_when_orphaned(sys.argv[1])"
+    # stdin is the pipe: the driver holds its write end (not inherited by the driver's other children), so
+    # it closes when the driver ends, by exit, exception or SIGKILL.
+    _reaper = subprocess.Popen([sys.executable, "-c", code, token], stdin=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                               env={k: v for k, v in os.environ.items() if k != OWNER_ENV})
+    os.environ[OWNER_ENV] = token
+    return token
+
+
+def reap_when_orphaned(token: str, grace_s: float = REAPER_GRACE_S) -> None:
+    """The reaper's body: wait until the driver is gone (EOF on stdin), then stop its marked processes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    while sys.stdin.buffer.read(4096):
+        pass
+    stop_marked(token, grace_s)
+
+
+def marked_processes(token: str) -> list[int]:
+    """PIDs of the live processes whose environment holds ``STEERRAY_RAY_OWNER=token`` (this one excluded;
+    other users' processes cannot be read, and a zombie's environment reads empty)."""
+    mark = f"{OWNER_ENV}={token}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as handle:
+                if mark in handle.read().split(b"\0"):
+                    found.append(int(name))
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return found
+
+
+def stop_marked(token: str, grace_s: float = REAPER_GRACE_S) -> list[int]:
+    """SIGTERM every process marked with ``token``, SIGKILL those left after ``grace_s``; returns the PIDs."""
+    targets = marked_processes(token)
+    _signal_all(targets, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while (left := marked_processes(token)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_all(left, signal.SIGKILL)
+    return sorted(set(targets) | set(left))
+
+
+def _signal_all(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 SERVE_REPLICA_MODULE = "ray.serve._private.replica"
@@ -172,11 +262,12 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+SERVE_DELETE_TIMEOUT_S = 10.0  # a cluster's Serve that does not answer this long is not waited for
+
+
 def serve_until_stopped(app_name: str, what: str) -> None:
     """Block while a Serve application runs; on Ctrl-C or SIGTERM (``kill``, Kubernetes, a shell's
     background job, where SIGINT is ignored) take the application down and return normally."""
-    from ray import serve
-
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         while True:
@@ -184,7 +275,45 @@ def serve_until_stopped(app_name: str, what: str) -> None:
     except KeyboardInterrupt:
         print(f"[steerray] stopping the {what}", file=sys.stderr, flush=True)
     finally:
-        serve.delete(app_name)
+        delete_app(app_name)
+
+
+def delete_app(app_name: str, timeout_s: float = SERVE_DELETE_TIMEOUT_S) -> bool:
+    """``serve.delete`` that cannot hang; True when the app was deleted.
+
+    A SIGTERM to the process group (``kill -- -PGID``, ``timeout``, systemd) also reaches the embedded Ray's
+    own processes, and ``serve.delete`` then waits for a controller that is gone ("Deleting app" for minutes).
+    So the delete runs in a thread, and the wait ends when it finishes, when the embedded Ray's processes
+    are found dead (nothing is left to delete), or after ``timeout_s``.
+    """
+    from ray import serve
+
+    done = threading.Event()
+
+    def delete() -> None:
+        try:
+            serve.delete(app_name)
+        except Exception as err:  # Ray is going down: the process exits next anyway
+            log.warning("serve.delete(%r) failed: %s", app_name, err)
+        finally:
+            done.set()
+
+    threading.Thread(target=delete, name="serve-delete", daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not done.wait(0.2):
+        if not _embedded_ray_alive() or time.monotonic() > deadline:
+            print(f"[steerray] not waiting for Serve to delete {app_name}: Ray's processes are stopping",
+                  file=sys.stderr, flush=True)
+            return False
+    return True
+
+
+def _embedded_ray_alive() -> bool:
+    """False once a process this driver started for its embedded Ray (GCS, raylet, ...) has exited."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return node is None or not node.head or node.remaining_processes_alive()
 
 
 # --------------------------------------------------------------------------------------------------

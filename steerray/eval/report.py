@@ -215,6 +215,37 @@ def _reward_blocks(reward: Mapping[str, Any], plots: Mapping[str, Path]) -> list
     return blocks
 
 
+# The numbers of each benchmark format shown here: (metric, label, digits); evaluate-reward's report.md has all.
+BENCH_ROWS = {
+    "rewardbench": (("overall", "RewardBench overall (0-100)", 1), ("accuracy", "accuracy over all rows", 3)),
+    "bon": (("win_rate", "win rate of the reward model's pick", 3), ("random", "win rate of a random pick", 3),
+            ("oracle", "win rate of the best-judged pick", 3)),
+    "pairs": (("accuracy", "accuracy (decided pairs)", 3), ("weighted_accuracy", "strength-weighted accuracy", 3)),
+}
+
+
+def _reward_bench_blocks(bench: Mapping[str, Any]) -> list[Block]:
+    """One table over every benchmark of an evaluate-reward run (its report.md has the full tables)."""
+    score = (bench.get("score") or {}).get("formula", "-")
+    blocks = [Block("h2", "Reward benchmarks"), Block("p", (
+        f"The reward model on benchmark files, ranked by {score}; every table and every scored row: "
+        f"{bench.get('folder', '-')}/report.md and <benchmark>_rows.jsonl."))]
+    rows = []
+    for name, entry in (bench.get("benches") or {}).items():
+        metrics = entry["metrics"]
+        shown = [(label, fmt(metrics.get(key), digits)) for key, label, digits in BENCH_ROWS[entry["format"]]]
+        shown += [(f"{section} (0-100)", fmt(value, 1)) for section, value in (metrics.get("sections") or {}).items()]
+        for label, value in shown:
+            rows.append([name, entry["format"], f"{entry['scored']} / {entry['rejected']}", label, value])
+    blocks.append(Block("table", headers=["benchmark", "format", "rows scored / rejected", "metric", "value"],
+                        rows=rows))
+    partial = [n for n, e in (bench.get("benches") or {}).items() if e["metrics"].get("complete") is False]
+    if partial:
+        blocks.append(Block("p", f"{', '.join(partial)}: some RewardBench subsets have no rows, so the overall "
+                                 "score is not comparable with published ones."))
+    return blocks
+
+
 def _steer_blocks(steer: Mapping[str, Any], plots: Mapping[str, Path]) -> list[Block]:
     blocks = [Block("h2", "Steerability"), Block("p", (
         f"{len(steer.get('prompts', []))} held-out prompts x {len(steer.get('attributes', []))} attributes x "
@@ -300,6 +331,29 @@ def _bootstrap_blocks(boot: Mapping[str, Any], plots: Mapping[str, Path]) -> lis
     return blocks
 
 
+def _steerlm2_blocks(section: Mapping[str, Any]) -> list[Block]:
+    blocks = [Block("h2", "SteerLM 2.0"), Block("p", (
+        "Each round samples n answers per prompt and label from the policy Q', weighs them by "
+        "P(a|x,y) P(y|x) / Q'(y|a,x) and trains Q towards the weighted samples; distance = KL(w || b), w the "
+        "weights, b the trained policy's own weights: 0 when it matches the target on those samples. Before/after: "
+        "held-out groups (or the first and last step)."))]
+    rows = [[str(r["round"]), fmt(r.get("groups")), fmt(r.get("dropped")), fmt(r.get("mean_effective_samples"), 2),
+             fmt(r.get("steps")), fmt(r.get("distance_before"), 4), fmt(r.get("distance_after"), 4),
+             fmt(r.get("groups_skipped"))] for r in section.get("rounds", [])]
+    blocks.append(Block("table", headers=["round", "groups", "dropped", "effective samples", "steps",
+                                          "distance before", "distance after", "skipped (NaN)"], rows=rows))
+    comparison = section.get("comparison") or []
+    if comparison:
+        blocks.append(Block("p", f"Steering of the final SteerLM 2.0 model ({section.get('final_model')}) on the "
+                                 "same grid as the policy above (held-out prompts)."))
+        blocks.append(Block("table", headers=["attribute", "rho SteerLM 1", "rho SteerLM 2", "change",
+                                              "shift SteerLM 1", "shift SteerLM 2"],
+                            rows=[[c["attribute"], fmt(c["steerlm1_spearman"]), fmt(c["steerlm2_spearman"]),
+                                   fmt(c["change"]), fmt(c["steerlm1_shift"]), fmt(c["steerlm2_shift"])]
+                                  for c in comparison]))
+    return blocks
+
+
 def build_blocks(results: Mapping[str, Any], plots: Mapping[str, Path]) -> list[Block]:
     title = results.get("title", "steerray evaluation")
     blocks = [Block("h1", title)]
@@ -308,6 +362,8 @@ def build_blocks(results: Mapping[str, Any], plots: Mapping[str, Path]) -> list[
         blocks.append(Block("table", headers=["what", "where"], rows=[[k, str(v)] for k, v in info.items()]))
     if results.get("reward"):
         blocks += _reward_blocks(results["reward"], plots)
+    if results.get("reward_bench"):
+        blocks += _reward_bench_blocks(results["reward_bench"])
     if results.get("steerability"):
         blocks += _steer_blocks(results["steerability"], plots)
     if results.get("steerability_sets"):
@@ -316,6 +372,8 @@ def build_blocks(results: Mapping[str, Any], plots: Mapping[str, Path]) -> list[
         blocks += _probe_blocks(results["probe"])
     if results.get("bootstrap"):
         blocks += _bootstrap_blocks(results["bootstrap"], plots)
+    if results.get("steerlm2"):
+        blocks += _steerlm2_blocks(results["steerlm2"])
     timings = results.get("timings") or {}
     if timings:
         blocks.append(Block("p", "Time: " + ", ".join(f"{k} {fmt(v, 1)} s" for k, v in timings.items()) + "."))

@@ -42,6 +42,9 @@ from steerray.config import (
     ServeConfig,
     ServeRewardConfig,
     SFTConfig,
+    SteerLM2Config,
+    SteerLM2DataConfig,
+    SteerLM2TrainConfig,
     StrictModel,
     dump_yaml,
 )
@@ -58,7 +61,8 @@ class Stage:
     upstream: tuple[str, ...] = ()  # stages whose outputs it reads, in the pipeline
     optional: bool = False  # a pipeline may switch it off
     # "job": finishes, skipped when finished, one run per folder, manifest last; "server": runs until
-    # stopped, no manifest; "driver": runs other stages, each of which does all that itself (the pipeline).
+    # stopped, no manifest; "driver": runs other stages, each of which does all that itself (the pipeline);
+    # "round": a job (all of the above) that a pipeline stage runs once per round, not a pipeline key itself.
     kind: str = "job"
 
     def load(self) -> ModuleType:
@@ -81,11 +85,15 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
     Stage("bootstrap", "bootstrap", "bootstrap", BootstrapConfig, upstream=("annotate", "sft", "reward"),
           optional=True),
     Stage("evaluate", "evaluate", "evaluate", EvaluateConfig, upstream=("prepare", "reward", "sft"), optional=True),
+    Stage("steerlm2", "steerlm2", "steerlm2", SteerLM2Config, upstream=("prepare", "reward", "annotate", "sft"),
+          optional=True),
+    Stage("steerlm2_data", "steerlm2-data", "steerlm2_data", SteerLM2DataConfig, kind="round"),
+    Stage("train_steerlm2", "train-steerlm2", "train_steerlm2", SteerLM2TrainConfig, kind="round"),
     Stage("serve", "serve", "serve", ServeConfig, kind="server"),
     Stage("serve_reward", "serve-reward", "serve_reward", ServeRewardConfig, kind="server"),
     Stage("pipeline", "pipeline", "pipeline", PipelineConfig, kind="driver"),
 )}
-PIPELINE_STAGES = ("prepare", "reward", "evaluate_reward", "annotate", "sft", "bootstrap", "evaluate")
+PIPELINE_STAGES = ("prepare", "reward", "evaluate_reward", "annotate", "sft", "bootstrap", "steerlm2", "evaluate")
 # Other spellings users type: the CLI verbs and module names.
 ALIASES = {alias: stage.name for stage in STAGES.values() for alias in (stage.command, stage.module)}
 

@@ -11,11 +11,12 @@ Input: a conversation jsonl file, or a folder of them (a prepare output folder: 
 Outputs under `out`: one annotated file per input file, same name and row order (train.jsonl,
 val.jsonl, ...), rejects.jsonl (file, line and reason of every malformed row), manifest.json last.
 
-Ray Data reads each input file in blocks of `block_size` lines; an actor pool scores them in batched
-forward passes (or, with `via`, Ray Data tasks post them to a running `serve-reward`); each finished
-block is written at once as an atomic part file under `out/.parts/`. Killed at any moment and re-run with the same
-command, the job skips the finished blocks and redoes the rest, so the merged output holds exactly one
-row per input row, in input order.
+Each input file is cut into blocks of `block_size` lines; Ray Data hands one block at a time to an actor
+of the pool, which reads it, scores it in batched forward passes (or, with `via`, a Ray Data task posts it
+to a running `serve-reward`) and writes it there as an atomic part file under `out/.parts/` (so on a
+cluster `out` must be shared storage). Killed at any moment, the job loses at most the block each actor
+was scoring; re-run with the same command, it skips the finished blocks and redoes the rest, so the merged
+output holds exactly one row per input row, in input order.
 """
 
 from __future__ import annotations
@@ -24,17 +25,19 @@ import json
 import shutil
 import sys
 import time
-from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from steerray.annotation import (
     Block,
+    BlockResult,
     FilePlan,
     HttpPredictor,
-    annotate_rows,
+    annotate_block,
     block_result,
     copy_part_rows,
     load_predictor,
@@ -46,7 +49,6 @@ from steerray.annotation import (
 from steerray.artifacts import atomic_path, atomic_write_json, config_hash, content_fingerprint, write_jsonl
 from steerray.auth import token_from_env
 from steerray.config import AnnotateConfig
-from steerray.data.readers import read_task_rows
 from steerray.errors import SteerrayError
 from steerray.models.reward import RewardModelError, reward_model_attributes
 from steerray.runtime import cluster_gpus, init_ray
@@ -97,73 +99,87 @@ def open_parts(out: Path, key: str) -> Path:
     return parts
 
 
-def part_path(parts: Path, block: Block) -> Path:
-    return parts / block.split / f"{block.index:06d}.part.jsonl"
+def part_path(parts: Path, split: str, index: int) -> Path:
+    return parts / split / f"{index:06d}.part.jsonl"
 
 
-# 3. The scoring actor: loads the model once, then annotates batches in batched forward passes.
+# 3. Where a block is scored, its part is written: a Ray Data batch is one block descriptor, so a kill loses
+# at most the block each actor (or HTTP task) is working on, never blocks already scored but not yet handed
+# back to the driver. On a cluster `out` must therefore be storage every node sees (as for checkpoints).
+def score_blocks(batch: dict[str, Any], parts: str, annotate: Callable[[dict[str, Any]], BlockResult]
+                 ) -> dict[str, Any]:
+    """Score each block descriptor of ``batch``, write its part atomically, return ``split, block, rows, part``."""
+    results, paths = [], []
+    for i in range(len(batch["block"])):
+        result = annotate({name: batch[name][i] for name in batch})
+        paths.append(str(part_path(Path(parts), result.split, result.index)))
+        write_part(paths[-1], result)
+        results.append(result)
+    return {"split": np.asarray([r.split for r in results], dtype=object),
+            "block": np.asarray([r.index for r in results], dtype=np.int64),
+            "rows": np.asarray([len(r.rows) + len(r.rejects) for r in results], dtype=np.int64),
+            "part": np.asarray(paths, dtype=object)}
+
+
 class Annotator:
-    def __init__(self, config: dict[str, Any]) -> None:
+    """The scoring actor: loads the model once, then scores blocks in batched forward passes."""
+
+    def __init__(self, config: dict[str, Any], parts: str) -> None:
         cfg = AnnotateConfig.model_validate(config)
         self.predict = load_predictor(cfg.model, max_length=cfg.max_length, batch_size=cfg.batch_size,
                                       precision=cfg.precision, trust_remote_code=cfg.trust_remote_code,
                                       threads=cfg.threads_per_actor or threads_for(cfg.cpus_per_actor))
-        self.attributes = self.predict.attributes
+        self.parts = parts
         self.options = {"keep_human_labels": cfg.keep_human_labels, "all_assistant_turns": cfg.all_assistant_turns}
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        return annotate_rows(batch, self.predict, self.attributes, **self.options)
+        return score_blocks(batch, self.parts, lambda block: annotate_block(
+            block, self.predict, self.predict.attributes, **self.options))
 
 
-def annotate_via_server(batch: dict[str, Any], config: dict[str, Any], token: str | None) -> dict[str, Any]:
-    """Ray Data task body for ``via``: the same batch transform, scored by a running serve-reward."""
+def annotate_via_server(batch: dict[str, Any], config: dict[str, Any], token: str | None,
+                        parts: str) -> dict[str, Any]:
+    """Ray Data task body for ``via``: the same blocks, scored by a running serve-reward."""
     cfg = AnnotateConfig.model_validate(config)
     assert cfg.via is not None
     predict = HttpPredictor(cfg.via, token, timeout_s=cfg.timeout_s)
-    return annotate_rows(batch, predict, predict.attributes, keep_human_labels=cfg.keep_human_labels,
-                         all_assistant_turns=cfg.all_assistant_turns)
+    return score_blocks(batch, parts, lambda block: annotate_block(
+        block, predict, predict.attributes, keep_human_labels=cfg.keep_human_labels,
+        all_assistant_turns=cfg.all_assistant_turns))
 
 
-def read_block(block: dict[str, Any]) -> list[dict[str, Any]]:
-    """Ray Data ``flat_map``: one block descriptor in, its numbered raw rows out (prepare's reader)."""
-    return [{**row, "split": block["split"], "block": block["block"]} for row in read_task_rows(block)]
-
-
-# 4. Stream the pending blocks through Ray Data; write each block's part once all its rows are back.
-def run_blocks(config: AnnotateConfig, pending: list[Block], parts: Path, token: str | None) -> dict[str, int]:
+# 4. Stream the pending blocks through Ray Data, one block per batch; the driver only counts what is done.
+def scoring_dataset(config: AnnotateConfig, pending: list[Block], parts: Path, token: str | None) -> Any:
     import ray.data
 
-    expected = {(b.split, b.index): b for b in pending}
-    gathered: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-    use_gpu = cluster_gpus() > 0
-    ds: Any = ray.data.from_items([{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start,
-                               "end": b.task.end, "first_line": b.task.first_line} for b in pending])
-    ds = ds.flat_map(read_block)
+    items = [{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start, "end": b.task.end,
+              "first_line": b.task.first_line} for b in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
     if config.via:
         # HTTP clients need no model: plain tasks on Ray's already-warm workers, no actor to start.
-        ds = ds.map_batches(annotate_via_server, fn_kwargs={"config": config.model_dump(mode="json"), "token": token},
-                            batch_size=config.batch_size * 4, batch_format="numpy", num_cpus=0.25,
-                            concurrency=config.num_actors)
-    else:
-        ds = ds.map_batches(
-            Annotator, fn_constructor_kwargs={"config": config.model_dump(mode="json")},
-            batch_size=config.batch_size * 4, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-            num_cpus=config.cpus_per_actor, num_gpus=1 if use_gpu else 0)
+        return ds.map_batches(annotate_via_server, batch_size=1, batch_format="numpy", num_cpus=0.25,
+                              fn_kwargs={"config": config.model_dump(mode="json"), "token": token,
+                                         "parts": str(parts)}, concurrency=config.num_actors)
+    return ds.map_batches(
+        Annotator, fn_constructor_kwargs={"config": config.model_dump(mode="json"), "parts": str(parts)},
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=config.cpus_per_actor, num_gpus=1 if cluster_gpus() > 0 else 0)
+
+
+def run_blocks(config: AnnotateConfig, pending: list[Block], parts: Path, token: str | None) -> dict[str, int]:
     counts = {"rows": 0, "blocks": 0}
     progress = tqdm(total=sum(b.rows for b in pending), desc="annotate", unit="row", file=sys.stderr,
                     disable=not sys.stderr.isatty())
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i in range(len(batch["line"])):
-            key = (str(batch["split"][i]), int(batch["block"][i]))
-            gathered[key].append({name: batch[name][i] for name in batch})
-            if len(gathered[key]) == expected[key].rows:
-                write_part(part_path(parts, expected[key]), block_result(key[0], key[1], gathered.pop(key)))
-                counts["blocks"] += 1
-        counts["rows"] += len(batch["line"])
-        progress.update(len(batch["line"]))
+    for batch in scoring_dataset(config, pending, parts, token).iter_batches(batch_size=None, batch_format="numpy"):
+        for path in batch["part"]:
+            if not Path(path).is_file():  # written on another node, into a folder this one does not share
+                raise SteerrayError(f"a scoring worker wrote {path}, but it is not visible here: on a cluster, "
+                                    f"`out` ({config.out}) must be a folder every node shares")
+        counts["blocks"] += len(batch["block"])
+        counts["rows"] += int(batch["rows"].sum())
+        progress.update(int(batch["rows"].sum()))
     progress.close()
-    unfinished = sorted(k for k, block in expected.items() if not part_path(parts, block).exists())
+    unfinished = sorted((b.split, b.index) for b in pending if not part_path(parts, b.split, b.index).exists())
     if unfinished:
         raise SteerrayError(f"annotation stream ended with {len(unfinished)} unfinished blocks "
                             f"(first: {unfinished[0]}); re-run to resume")
@@ -178,8 +194,8 @@ def merge(out: Path, parts: Path, plans: list[FilePlan]) -> dict[str, Any]:
         stats = {"input_rows": plan.rows, "rows": 0, "rejects": 0, "turns_scored": 0, "truncated": 0}
         with atomic_path(out / plan.split) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             for block in plan.blocks:
-                header = read_part_header(part_path(parts, block))
-                stats["rows"] += copy_part_rows(part_path(parts, block), handle)
+                header = read_part_header(part_path(parts, block.split, block.index))
+                stats["rows"] += copy_part_rows(part_path(parts, block.split, block.index), handle)
                 stats["rejects"] += len(header["rejects"])
                 stats["turns_scored"] += header["turns"]
                 stats["truncated"] += header["truncated"]
@@ -214,9 +230,9 @@ def run(config: AnnotateConfig) -> StageResult:
     attributes = HttpPredictor(config.via, token).attributes if config.via else reward_model_attributes(config.model, config.trust_remote_code)
     parts = open_parts(out, key)
     blocks = [b for plan in plans for b in plan.blocks]
-    pending = [b for b in blocks if not part_path(parts, b).exists()]
+    pending = [b for b in blocks if not part_path(parts, b.split, b.index).exists()]
     for block in [b for b in pending if b.rows == 0]:  # blank-only blocks need no Ray
-        write_part(part_path(parts, block), block_result(block.split, block.index, []))
+        write_part(part_path(parts, block.split, block.index), block_result(block.split, block.index, []))
     pending = [b for b in pending if b.rows > 0]
     print(f"[steerray] annotate: {len(blocks) - len(pending)} of {len(blocks)} blocks already done, "
           f"{sum(b.rows for b in pending)} rows to score", file=sys.stderr, flush=True)

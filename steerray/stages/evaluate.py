@@ -40,6 +40,7 @@ from steerray.models.loading import load_causal_lm, load_tokenizer, resolve_mode
 from steerray.models.precision import inference_dtype
 from steerray.models.reward import reward_model_attributes
 from steerray.stages import StageResult, job_main
+from steerray.stages.steerlm2 import compare_steering, rounds_section
 
 log = logging.getLogger("steerray.evaluate")
 
@@ -195,6 +196,36 @@ def bootstrap_section(folder: str | None) -> dict[str, Any] | None:
     return manifest.get("bootstrap")
 
 
+def reward_bench_section(folder: str | None) -> dict[str, Any] | None:
+    """The eval.json of a finished evaluate-reward output: its benchmark tables go into this report."""
+    if not folder:
+        return None
+    if read_manifest(folder, "evaluate_reward") is None:
+        raise EvaluateError(f"{folder} holds no finished evaluate-reward output (no {MANIFEST}); "
+                            "run `steerray evaluate-reward` first")
+    try:
+        return {"folder": folder, **json.loads((Path(folder) / "eval.json").read_text(encoding="utf-8"))}
+    except (OSError, ValueError) as err:
+        raise EvaluateError(f"{folder}/eval.json is unreadable ({err}); run evaluate-reward again") from None
+
+
+def steerlm2_section(cfg: EvaluateConfig, attributes: list[str], steerlm1: dict[str, Any] | None
+                     ) -> dict[str, Any] | None:
+    """A steerlm2 output's rounds (distance before/after each), and its final model through the same grid as
+    the policy, so the report sets SteerLM 2.0's steering beside SteerLM 1's."""
+    if not cfg.steerlm2:
+        return None
+    section = rounds_section(cfg.steerlm2)
+    if steerlm1 is not None:
+        grid_cfg = cfg.model_copy(update={"policy": section["final_model"]})
+        section["steerability"], section["steerability_sets"], _ = steerability(grid_cfg, attributes)
+        section["comparison"] = compare_steering(steerlm1, section["steerability"])
+    return section
+
+
+BENCH_HEADLINE = {"rewardbench": "overall", "bon": "win_rate", "pairs": "accuracy"}
+
+
 def key_metrics(results: dict[str, Any]) -> dict[str, Any]:
     """The few numbers the pipeline summary and the manifest show."""
     metrics: dict[str, Any] = {}
@@ -218,6 +249,14 @@ def key_metrics(results: dict[str, Any]) -> dict[str, Any]:
             metrics[f"steer_spearman_{name}_{set_name}"] = curve.get("spearman")
     for name, probe in (results.get("probe") or {}).items():
         metrics[f"probe_gain_{name}"] = probe.get("mean_gain_nats")
+    steerlm2 = results.get("steerlm2") or {}
+    if steerlm2.get("rounds"):
+        metrics["steerlm2_distance_after"] = steerlm2["rounds"][-1].get("distance_after")
+    for row in steerlm2.get("comparison") or []:
+        metrics[f"steerlm2_spearman_{row['attribute']}"] = row["steerlm2_spearman"]
+    for name, bench in ((results.get("reward_bench") or {}).get("benches") or {}).items():
+        key = BENCH_HEADLINE[bench["format"]]
+        metrics[f"bench_{name}_{key}"] = bench["metrics"].get(key)
     return metrics
 
 
@@ -228,6 +267,9 @@ def check(cfg: EvaluateConfig) -> None:
         raise EvaluateError(f"data {cfg.data} is not a folder (a prepare output)")
     if cfg.bootstrap and read_manifest(cfg.bootstrap, "bootstrap") is None:
         raise EvaluateError(f"{cfg.bootstrap} holds no finished bootstrap output (no {MANIFEST})")
+    reward_bench_section(cfg.reward_bench)
+    if cfg.steerlm2:
+        rounds_section(cfg.steerlm2)
     if not (cfg.steerability.enabled and cfg.policy):
         return
     resolve_model(cfg.policy)
@@ -240,7 +282,8 @@ def check(cfg: EvaluateConfig) -> None:
 
 
 def inputs(cfg: EvaluateConfig) -> list[str]:
-    return [cfg.reward_model, cfg.data or "", cfg.policy or "", cfg.bootstrap or ""]
+    return [cfg.reward_model, cfg.data or "", cfg.policy or "", cfg.bootstrap or "", cfg.reward_bench or "",
+            cfg.steerlm2 or ""]
 
 
 def run(cfg: EvaluateConfig) -> StageResult:
@@ -264,6 +307,11 @@ def run(cfg: EvaluateConfig) -> StageResult:
         timings["label probe"] = time.time() - start
         write_jsonl(out / "grid.jsonl", grid_rows)
     results["bootstrap"] = bootstrap_section(cfg.bootstrap)
+    results["reward_bench"] = reward_bench_section(cfg.reward_bench)
+    start = time.time()
+    results["steerlm2"] = steerlm2_section(cfg, attributes, results.get("steerability"))
+    if results["steerlm2"]:
+        timings["steerlm2 grid"] = time.time() - start
     results["timings"] = timings
     paths = write_report(results, out)
     metrics = key_metrics(results)

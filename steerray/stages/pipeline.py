@@ -93,7 +93,8 @@ def fail_stage(item: PlannedStage, cfg: PipelineConfig, err: BaseException) -> P
 # --------------------------------------------------------------------------------------------------
 
 def final_model(cfg: PipelineConfig) -> Path:
-    return run_dir(cfg) / ("bootstrap" if cfg.bootstrap.enabled else "sft") / "model"
+    last = "steerlm2" if cfg.steerlm2.enabled else "bootstrap" if cfg.bootstrap.enabled else "sft"
+    return run_dir(cfg) / last / "model"
 
 
 def summarize(cfg: PipelineConfig, outcomes: list[StageOutcome], started: float) -> dict[str, Any]:

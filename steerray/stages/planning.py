@@ -122,9 +122,10 @@ def run_dir(cfg: PipelineConfig) -> Path:
 
 def wiring(cfg: PipelineConfig, dirs: Mapping[str, Path]) -> dict[str, tuple[tuple[str, ...], dict[str, Any]]]:
     """Per stage: (input stages, the config keys the pipeline sets to connect the folders). Evaluate reads
-    the last fine-tuned model: bootstrap's when it is on, else SFT's; and the reward benchmarks when they run."""
+    the last fine-tuned model: bootstrap's when it is on, else SFT's; and the reward benchmarks when they run.
+    SteerLM 2.0 starts from that model too, and evaluate compares the two when it runs."""
     final_sft = "bootstrap" if cfg.bootstrap.enabled else "sft"
-    benches = cfg.evaluate_reward.enabled
+    benches, steerlm2 = cfg.evaluate_reward.enabled, cfg.steerlm2.enabled
     keys: dict[str, dict[str, Any]] = {
         "prepare": {"out": str(dirs["prepare"])},
         "reward": {"data": str(dirs["prepare"]), "out": str(dirs["reward"])},
@@ -134,12 +135,18 @@ def wiring(cfg: PipelineConfig, dirs: Mapping[str, Path]) -> dict[str, tuple[tup
         "sft": {"data": str(dirs["annotate"]), "out": str(dirs["sft"])},
         "bootstrap": {"data": str(dirs["annotate"]), "policy": str(dirs["sft"] / "model"),
                       "reward_model": str(dirs["reward"] / "model"), "out": str(dirs["bootstrap"])},
+        "steerlm2": {"data": str(dirs["annotate"]), "policy": str(dirs[final_sft] / "model"),
+                     "reward_model": str(dirs["reward"] / "model"), "reward_data": str(dirs["prepare"]),
+                     "out": str(dirs["steerlm2"])},
         "evaluate": {"reward_model": str(dirs["reward"] / "model"), "policy": str(dirs[final_sft] / "model"),
                      "data": str(dirs["prepare"]), "bootstrap": str(dirs["bootstrap"]) if cfg.bootstrap.enabled else None,
-                     "reward_bench": str(dirs["evaluate_reward"]) if benches else None, "out": str(dirs["evaluate"])},
+                     "reward_bench": str(dirs["evaluate_reward"]) if benches else None,
+                     "steerlm2": str(dirs["steerlm2"]) if steerlm2 else None, "out": str(dirs["evaluate"])},
     }
-    inputs = {name: tuple(final_sft if (name, up) == ("evaluate", "sft") else up for up in STAGES[name].upstream)
-              for name in STAGE_NAMES}
+    inputs = {name: tuple(final_sft if name in ("evaluate", "steerlm2") and up == "sft" else up
+                          for up in STAGES[name].upstream) for name in STAGE_NAMES}
+    if steerlm2:
+        inputs["evaluate"] += ("steerlm2",)
     if benches:  # a re-run of the benchmarks re-runs evaluate, whose report holds their tables
         inputs["evaluate"] += ("evaluate_reward",)
     return {name: (inputs[name], keys[name]) for name in STAGE_NAMES}
@@ -342,6 +349,7 @@ PREFERRED_METRICS: dict[str, tuple[str, ...]] = {
     "annotate": ("rows", "turns_scored", "rejects"),
     "sft": ("val_loss_first", "val_loss", "train_loss"),
     "bootstrap": ("round0_mean_score", "final_mean_score", "score_change"),
+    "steerlm2": ("distance_before", "distance_after", "rounds"),
     "evaluate": ("steer_mean_spearman", "steer_spearman_verbosity", "verbosity_length_spearman", "reward_val_mse"),
 }
 # Manifest sections stages keep their numbers in, most telling first.

@@ -89,6 +89,11 @@ class TrainTask:
         """Validation metrics over every row exactly once across workers (a collective)."""
         raise NotImplementedError
 
+    def step_metrics(self, strategy: Strategy) -> dict[str, Any]:
+        """Extra numbers for the step's metrics row, after its optimizer step; called on every worker, so a
+        task that gathers numbers in ``loss_sum`` reduces them here (``strategy.all_reduce_sum``)."""
+        return {}
+
     def before_export(self, prepared: PreparedModel, tokenizer: Any) -> None:
         """Last changes to the model's config and tokenizer before they are written (label attributes,
         chat template)."""
@@ -293,7 +298,8 @@ def one_step(task: TrainTask, prepared: PreparedModel, stepper: Any, rows: Rows,
     result = stepper.step()
     loss_total, tokens = strategy.all_reduce_sum([loss_sum, sum(task.tokens(b) for b in batches)])
     return {"split": "train", "step": step + 1, "epoch": plan.epoch, "loss": loss_total / max(global_units, 1),
-            "lr": result.lr, "grad_norm": result.grad_norm, "units": int(global_units), "tokens": int(tokens)}
+            "lr": result.lr, "grad_norm": result.grad_norm, "units": int(global_units), "tokens": int(tokens),
+            **task.step_metrics(strategy)}
 
 
 def finish(task: TrainTask, prepared: PreparedModel, tokenizer: Any, out: Path, state: RunState, steps: int,

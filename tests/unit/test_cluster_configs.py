@@ -92,7 +92,7 @@ def test_a_rayjob_per_stage_each_launching_a_valid_preset():
 def test_rayjob_presets_equal_what_the_pipeline_resolves():
     """A stage run by its RayJob is adopted by the pipeline: same resolved config, same hash."""
     planned = resolve_stages(load_pipeline_config("cluster/pipeline"))
-    for item in planned:
+    for item in (item for item in planned if item.enabled):  # a switched-off stage has no config to compare
         preset = load_config(type(item.config), f"cluster/{item.name}").with_absolute_paths()
         assert config_hash(preset) == item.config_hash, item.name
 

@@ -61,6 +61,32 @@ def test_wiring_connects_the_folders(tmp_path):
     assert off["evaluate"].config.policy == str(root / "sft" / "model")
 
 
+def test_reward_benchmarks_wire_into_evaluate_when_enabled(tmp_path):
+    bench = tmp_path / "pairs.jsonl"
+    cfg = _cfg(tmp_path, "evaluate_reward.enabled=true", f"evaluate-reward.bench=[pairs:val={bench}]",
+               "evaluate_reward.score=helpsteer2")
+    stages = {s.name: s for s in resolve_stages(cfg)}
+    root = tmp_path / "t"
+    bench_stage = stages["evaluate_reward"]
+    assert (bench_stage.config.model, bench_stage.config.out) == (str(root / "reward" / "model"),
+                                                                  str(root / "evaluate_reward"))
+    assert bench_stage.config.bench == [f"pairs:val={bench}"] and bench_stage.config.score == "helpsteer2"
+    assert bench_stage.inputs == ("reward",)
+    # evaluate reads its eval.json, and re-runs when the benchmarks re-run
+    assert stages["evaluate"].config.reward_bench == str(root / "evaluate_reward")
+    assert stages["evaluate"].inputs == ("prepare", "reward", "sft", "evaluate_reward")
+    state = load_state(root)
+    assert [d.action for d in plan(list(stages.values()), state)][:3] == ["run", "run", "run"]
+    off = {s.name: s for s in resolve_stages(_cfg(tmp_path))}
+    assert off["evaluate_reward"].config is None and off["evaluate"].config.reward_bench is None
+    assert off["evaluate"].inputs == ("prepare", "reward", "sft")
+    with pytest.raises(ConfigError, match="evaluate_reward: invalid config"):  # enabled without a benchmark
+        resolve_stages(_cfg(tmp_path, "evaluate_reward.enabled=true"))
+    with pytest.raises(ConfigError, match="model, out is set by the pipeline"):
+        resolve_stages(_cfg(tmp_path, "evaluate_reward.enabled=true", f"evaluate_reward.bench=[pairs={bench}]",
+                            "evaluate_reward.out=/x", "evaluate_reward.model=/y"))
+
+
 def test_problems_are_reported_together_before_anything_runs(tmp_path):
     cfg = _cfg(tmp_path, "reward.preset=no/such", "sft.out=/elsewhere", "evaluate.steerability.values=[0,9]",
                "annotate.enabled=false")
@@ -95,30 +121,30 @@ def test_fresh_run_then_everything_skips(tmp_path):
     cfg = _cfg(tmp_path)
     stages = resolve_stages(cfg)
     state = load_state(tmp_path / "t")
-    assert [d.action for d in plan(stages, state)] == ["run", "run", "disabled", "run", "run", "disabled", "run"]
+    assert [d.action for d in plan(stages, state)] == ["run", "run", "disabled", "run", "run", "disabled", "disabled", "run"]
     for item in stages:
         if item.enabled:
             _finish(item, state, current_fingerprints(stages))
-    assert [d.action for d in plan(stages, state)] == ["skip", "skip", "disabled", "skip", "skip", "disabled", "skip"]
+    assert [d.action for d in plan(stages, state)] == ["skip", "skip", "disabled", "skip", "skip", "disabled", "disabled", "skip"]
     # a changed config reruns that stage and everything downstream of it, nothing upstream
     changed = resolve_stages(_cfg(tmp_path, "annotate.batch_size=3"))
     decisions = plan(changed, state)
-    assert [d.action for d in decisions] == ["skip", "skip", "disabled", "run", "run", "disabled", "run"]
+    assert [d.action for d in decisions] == ["skip", "skip", "disabled", "run", "run", "disabled", "disabled", "run"]
     assert decisions[3].reason == "config changed" and decisions[3].clear
     assert decisions[4].reason.startswith("input re-ran: annotate")
-    assert decisions[6].reason.startswith("input re-ran: sft")  # evaluate reads the SFT model
+    assert decisions[7].reason.startswith("input re-ran: sft")  # evaluate reads the SFT model
     # a change at the end reruns only the end
     assert [d.action for d in plan(resolve_stages(_cfg(tmp_path, "evaluate.reward.batch_size=3")), state)] == [
-        "skip", "skip", "disabled", "skip", "skip", "disabled", "run"]
+        "skip", "skip", "disabled", "skip", "skip", "disabled", "disabled", "run"]
     # evaluate reads prepare, reward, sft: after sft reruns it must rerun too (checked on the real state)
-    annotate, sft, evaluate = changed[3], changed[4], changed[6]
+    annotate, sft, evaluate = changed[3], changed[4], changed[7]
     _finish(annotate, state, current_fingerprints(changed))
     assert decide(sft, state, current_fingerprints(changed)).reason == "input changed: annotate"
     _finish(sft, state, current_fingerprints(changed))
     assert decide(evaluate, state, current_fingerprints(changed)).reason == "input changed: sft"
     # --rerun reward: reward and everything reading it, directly or not
     assert [d.action for d in plan(changed, state, "train-reward")] == [
-        "skip", "run", "disabled", "run", "run", "disabled", "run"]
+        "skip", "run", "disabled", "run", "run", "disabled", "disabled", "run"]
 
 
 def test_unfinished_stage_resumes_or_clears(tmp_path):

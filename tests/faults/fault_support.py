@@ -1,0 +1,88 @@
+"""Helpers of the fault suite: process trees, killing by PID or process group, waiting with deadlines."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil  # a dependency of Ray
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running (a reused PID is a different process: psutil compares start times)."""
+    live = []
+    for proc in processes:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                live.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return live
+
+
+def titled(pid: int, word: str) -> list[psutil.Process]:
+    """Descendants of ``pid`` whose command line (Ray sets worker titles, e.g. ``ray::RayTrainWorker``) has ``word``."""
+    found = []
+    for proc in descendants(pid):
+        try:
+            if word in " ".join(proc.cmdline()):
+                found.append(proc)
+        except psutil.Error:
+            pass
+    return found
+
+
+def describe(processes: list[psutil.Process]) -> list[str]:
+    out = []
+    for proc in processes:
+        try:
+            out.append(f"{proc.pid} {' '.join(proc.cmdline())[:90]}")
+        except psutil.Error:
+            out.append(f"{proc.pid} (gone)")
+    return out
+
+
+def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.2) -> object:
+    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """A child in its own session (process group = its PID), output to ``log``: killable as a group without
+    touching the test runner, and never a target of signals meant for the test's own group."""
+    handle = open(log, "wb")  # noqa: SIM115 - the child owns it; closed when the test's process exits
+    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            start_new_session=True, cwd=REPO)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal the child's whole process group (it leads its own session), ignoring one that is gone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def python(*args: str) -> list[str]:
+    return [sys.executable, *args]
