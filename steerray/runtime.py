@@ -370,13 +370,41 @@ def submit_job(module: str, config: BaseModel, address: str, *, env_vars: dict[s
     return job_id
 
 
-def _submit_with_retries(client: Any, entrypoint: str, runtime_env: dict[str, Any] | None, job_id: str) -> str:
-    for attempt in range(10):
+# A freshly started head answers this until its dashboard agent has registered its HTTP address (seconds
+# after `ray start --head`); an agent whose port was taken never registers (see `dashboard_agent.log`).
+RETRYABLE_SUBMIT_ERRORS = ("No available agent to submit job",)
+SUBMIT_RETRY_S = 60.0
+
+
+def retryable_submit_error(err: BaseException) -> bool:
+    """True for the job server's "try again later" answers, which a retry can outlive; anything else (a
+    bad request, auth, a refused connection) is reported at once."""
+    return isinstance(err, RuntimeError) and any(text in str(err) for text in RETRYABLE_SUBMIT_ERRORS)
+
+
+def retry_delays(budget_s: float, first_s: float = 1.0, cap_s: float = 5.0) -> list[float]:
+    """The waits between submission attempts: doubling from ``first_s`` up to ``cap_s``, ``budget_s`` in all."""
+    delays: list[float] = []
+    while sum(delays) < budget_s:
+        delays.append(min(first_s * 2 ** len(delays), cap_s, budget_s - sum(delays)))
+    return delays
+
+
+def _submit_with_retries(client: Any, entrypoint: str, runtime_env: dict[str, Any] | None, job_id: str,
+                         budget_s: float = SUBMIT_RETRY_S) -> str:
+    deadline = time.monotonic() + budget_s
+    for delay in [*retry_delays(budget_s), None]:
         try:
             return client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=job_id)
         except RuntimeError as err:
-            # A freshly started head answers this until its per-node agent is up.
-            if "No available agent" not in str(err) or attempt == 9:
+            if not retryable_submit_error(err):
                 raise
-            time.sleep(3)
+            if delay is None or time.monotonic() + delay > deadline:
+                raise JobFailed(
+                    f"the cluster's job server had no agent to run the job after {budget_s:.0f} s ({err}); "
+                    "see dashboard_agent.log on the head node: on one machine another Ray may hold the agent's "
+                    "port (`ray start --head --dashboard-agent-listen-port=...` picks another)") from err
+            print(f"[steerray] the job server is not ready yet (no agent); retrying in {delay:.0f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(delay)
     raise AssertionError("unreachable")
