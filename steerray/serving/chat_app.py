@@ -347,7 +347,7 @@ def build_app(config: ServeConfig, token: str | None = None, *, use_gpu: bool = 
     threads = config.threads_per_replica
     if threads is None and not use_gpu:
         threads = cpu_threads(config.replicas)
-    deployment = ChatDeployment.options(
+    deployment = ChatDeployment.options(  # type: ignore[attr-defined]  # @serve.deployment's class
         name="ChatModel",
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": 1 if use_gpu else 0},

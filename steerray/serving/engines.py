@@ -27,7 +27,7 @@ import random
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +88,7 @@ class Engine(ABC):
         return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
     @abstractmethod
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncGenerator[StreamEvent, None]:
         """Yield the answer's deltas; the last event carries ``finish_reason``."""
 
     async def complete(self, prompt_ids: Sequence[int], params: SamplingParams) -> Completion:
@@ -201,7 +201,7 @@ class TransformersEngine(Engine):
 
     # ---- public -----------------------------------------------------------------------------------
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncGenerator[StreamEvent, None]:
         import torch
 
         if self._closing:
@@ -225,7 +225,7 @@ class TransformersEngine(Engine):
             seq.cancelled = True  # a client that went away frees its row at the next step
 
     def stats(self) -> dict[str, Any]:
-        stats = dict(self._stats)
+        stats: dict[str, Any] = dict(self._stats)
         stats["mean_rows_per_step"] = round(stats["rows_decoded"] / stats["steps"], 3) if stats["steps"] else 0.0
         stats.update(max_batch_size=self.max_batch_size, device=self.device.type, pending=len(self._pending))
         return stats
@@ -259,10 +259,11 @@ class TransformersEngine(Engine):
                         continue
                 if batch is None:
                     continue
+                running = batch
                 try:
-                    batch = self._step(batch)
+                    batch = self._step(running)
                 except Exception as err:  # noqa: BLE001
-                    self._fail(batch.rows, err)
+                    self._fail(running.rows, err)
                     batch = None
         if batch is not None:
             self._fail(batch.rows, EngineError("engine shut down"))
@@ -335,7 +336,7 @@ class TransformersEngine(Engine):
         """Plain full-attention caches can be padded and stacked; others (sliding windows...) cannot."""
         from transformers.cache_utils import DynamicLayer
 
-        layers = getattr(batch.cache, "layers", None)
+        layers = getattr(batch.cache, "layers", None) or []
         return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
     @staticmethod

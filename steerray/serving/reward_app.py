@@ -170,10 +170,11 @@ class RewardDeployment:
         self.user_config = {**self.user_config, **user_config}
         if "max_batch_size" in user_config:
             size = int(user_config["max_batch_size"])
-            self.score_text.set_max_batch_size(size)
+            self.score_text.set_max_batch_size(size)  # type: ignore[attr-defined]  # added by @serve.batch
             self.predictor.batch_size = size  # one forward pass per Serve batch
         if "batch_wait_timeout_s" in user_config:
-            self.score_text.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
+            self.score_text.set_batch_wait_timeout_s(  # type: ignore[attr-defined]  # added by @serve.batch
+                float(user_config["batch_wait_timeout_s"]))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def score_text(self, texts: list[str]) -> list[tuple[list[float], bool]]:
@@ -314,7 +315,7 @@ def build_app(config: ServeRewardConfig, token: str | None = None, *, use_gpu: b
     """
     limits = limits or config.limits  # the config's `limits:` section unless a test passes its own
     threads = config.threads_per_replica or threads_for(config.cpus_per_replica)
-    deployment = RewardDeployment.options(
+    deployment = RewardDeployment.options(  # type: ignore[attr-defined]  # @serve.deployment's class
         name="RewardModel",
         num_replicas=config.replicas,
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": 1 if use_gpu else 0},

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from typing import Any
 
 from steerray.models.loading import load_tokenizer, resolve_model
@@ -164,7 +164,7 @@ class VLLMEngine(Engine):
                                   stop=list(params.stop), include_stop_str_in_output=True,
                                   skip_special_tokens=True)
 
-    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+    async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncGenerator[StreamEvent, None]:
         if self.state != "running":
             raise self._unavailable()
         request_id = uuid.uuid4().hex
