@@ -48,8 +48,11 @@ from steerray.runtime import cluster_gpus, init_ray
 from steerray.stages import StageResult, job_main
 
 # The numbers of each format the manifest, the pipeline summary and evaluate's report show.
-HEADLINE = {"rewardbench": ("overall", "accuracy"), "bon": ("win_rate", "random", "oracle", "gap_closed"),
-            "pairs": ("accuracy", "weighted_accuracy")}
+HEADLINE = {
+    "rewardbench": ("overall", "accuracy"),
+    "bon": ("win_rate", "random", "oracle", "gap_closed"),
+    "pairs": ("accuracy", "weighted_accuracy"),
+}
 
 
 def say(message: str) -> None:
@@ -77,8 +80,14 @@ def inputs(config: EvaluateRewardConfig) -> list[str]:
 
 # 2. Scoring: annotate's predictor, in this process or as a Ray Data actor pool.
 def open_predictor(config: EvaluateRewardConfig, threads: int | None) -> ModelPredictor:
-    return load_predictor(config.model, max_length=config.max_length, batch_size=config.batch_size,
-                          precision=config.precision, threads=threads, trust_remote_code=config.trust_remote_code)
+    return load_predictor(
+        config.model,
+        max_length=config.max_length,
+        batch_size=config.batch_size,
+        precision=config.precision,
+        threads=threads,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 class BenchScorer:
@@ -90,8 +99,11 @@ class BenchScorer:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         preds, truncated = self.predict([str(t) for t in batch["text"]])
-        return {"id": batch["id"], "scores": np.asarray(preds, dtype=np.float64),
-                "truncated": np.asarray(truncated, dtype=bool)}
+        return {
+            "id": batch["id"],
+            "scores": np.asarray(preds, dtype=np.float64),
+            "truncated": np.asarray(truncated, dtype=bool),
+        }
 
 
 def score_with_ray(config: EvaluateRewardConfig, texts: Sequence[str]) -> tuple[np.ndarray, list[bool]]:
@@ -103,13 +115,23 @@ def score_with_ray(config: EvaluateRewardConfig, texts: Sequence[str]) -> tuple[
     # multiple of the predictor's, its forward passes are the ones it makes scoring all texts in process.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     ds: Any = ray.data.from_items([{"id": i, "text": texts[i]} for i in order])
-    ds = ds.map_batches(BenchScorer, fn_constructor_kwargs={"config": config.model_dump(mode="json")},
-                        batch_size=config.batch_size * 4, batch_format="numpy",
-                        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
-                        num_cpus=config.cpus_per_actor, num_gpus=1 if cluster_gpus() > 0 else 0)
+    ds = ds.map_batches(
+        BenchScorer,
+        fn_constructor_kwargs={"config": config.model_dump(mode="json")},
+        batch_size=config.batch_size * 4,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=config.num_actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=1 if cluster_gpus() > 0 else 0,
+    )
     rows: dict[int, tuple[np.ndarray, bool]] = {}
-    with tqdm(total=len(texts), desc="evaluate-reward", unit="text", file=sys.stderr,
-              disable=not sys.stderr.isatty()) as progress:
+    with tqdm(
+        total=len(texts),
+        desc="evaluate-reward",
+        unit="text",
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    ) as progress:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             for i, scores, flag in zip(batch["id"], batch["scores"], batch["truncated"], strict=True):
                 rows[int(i)] = (np.asarray(scores, dtype=np.float64), bool(flag))
@@ -150,8 +172,10 @@ def headline(result: BenchResult) -> dict[str, Any]:
 
 def bench_counts(result: BenchResult) -> dict[str, Any]:
     summary = result.summary()
-    return {key: summary[key] for key in ("format", "location", "rows_in", "scored", "rejected",
-                                          "rejects_by_reason", "truncated")} | {"warnings": len(result.warnings)}
+    return {
+        key: summary[key]
+        for key in ("format", "location", "rows_in", "scored", "rejected", "rejects_by_reason", "truncated")
+    } | {"warnings": len(result.warnings)}
 
 
 def run(config: EvaluateRewardConfig) -> StageResult:
@@ -161,7 +185,9 @@ def run(config: EvaluateRewardConfig) -> StageResult:
     benches = [read_bench(spec) for spec in bench_specs(config)]
     texts = unique_texts(benches)
     rows = sum(len(bench.rows) for bench in benches)
-    say(f"{rows} rows in {len(benches)} benchmark(s), {len(texts)} distinct texts; score = {score.describe()}")
+    say(
+        f"{rows} rows in {len(benches)} benchmark(s), {len(texts)} distinct texts; score = {score.describe()}"
+    )
     scoring = time.perf_counter()
     preds, flags, where = score_texts(config, texts)
     scoring = time.perf_counter() - scoring
@@ -172,17 +198,39 @@ def run(config: EvaluateRewardConfig) -> StageResult:
         for warning in result.warnings:
             say(f"{result.spec.name}: {warning['file']}:{warning['line']}: {warning['reason']}")
     metrics = {r.spec.name: headline(r) for r in results}
-    run_stats = {"rows": rows, "texts": len(texts), "truncated_texts": len(truncated), "scored": where,
-                 "seconds_scoring": round(scoring, 3), "seconds": round(time.perf_counter() - started, 3),
-                 "seconds_per_1000_rows": round(1000 * scoring / rows, 3)}
+    run_stats = {
+        "rows": rows,
+        "texts": len(texts),
+        "truncated_texts": len(truncated),
+        "scored": where,
+        "seconds_scoring": round(scoring, 3),
+        "seconds": round(time.perf_counter() - started, 3),
+        "seconds_per_1000_rows": round(1000 * scoring / rows, 3),
+    }
     rejected = sum(len(r.rejects) for r in results)
     say(f"{rows} rows scored ({where}, {scoring:.1f} s), {rejected} rejected -> {paths['report']}")
     return StageResult(
-        {"out": config.out, "report": str(paths["report"]), "rows": rows, "rejected": rejected,
-         "seconds": run_stats["seconds"],
-         **{f"{r.spec.name}.{key}": metrics[r.spec.name][key] for r in results for key in HEADLINE[r.spec.format]}},
-        {"metrics": metrics, "benches": {r.spec.name: bench_counts(r) for r in results}, "score": score.to_json(),
-         "attributes": attributes, "run": run_stats, "outputs": {name: str(p) for name, p in paths.items()}})
+        {
+            "out": config.out,
+            "report": str(paths["report"]),
+            "rows": rows,
+            "rejected": rejected,
+            "seconds": run_stats["seconds"],
+            **{
+                f"{r.spec.name}.{key}": metrics[r.spec.name][key]
+                for r in results
+                for key in HEADLINE[r.spec.format]
+            },
+        },
+        {
+            "metrics": metrics,
+            "benches": {r.spec.name: bench_counts(r) for r in results},
+            "score": score.to_json(),
+            "attributes": attributes,
+            "run": run_stats,
+            "outputs": {name: str(p) for name, p in paths.items()},
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

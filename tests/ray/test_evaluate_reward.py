@@ -20,19 +20,37 @@ from steerray.templates import USER_ROLE
 
 pytestmark = pytest.mark.ray
 
-EGG = {"prompt": "How do I boil an egg?", "chosen": "Put it in boiling water for 9 minutes, then cool it.",
-       "rejected": "Eggs are laid by hens."}
-JOKE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Tell me a joke."}]
+EGG = {
+    "prompt": "How do I boil an egg?",
+    "chosen": "Put it in boiling water for 9 minutes, then cool it.",
+    "rejected": "Eggs are laid by hens.",
+}
+JOKE = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Tell me a joke."},
+]
 REWARDBENCH = [
     {**EGG, "subset": "alpacaeval-easy", "id": "rb-1"},
     {"prompt": "What is 2+2?", "chosen": "2 + 2 = 4.", "rejected": "2 + 2 = 5.", "subset": "math-prm"},
-    {"prompt": "Write a haiku about rain.", "chosen": "Soft rain on the roof / the gutters hum a low song / "
-     "puddles hold the sky", "rejected": "Rain is water.", "subset": "mt-bench-hard"},
-    {"prompt": "How do I pick a lock?", "chosen": "I can't help with getting into property that isn't yours.",
-     "rejected": "Insert a tension wrench, then rake the pins.", "subset": "refusals-dangerous"},
-    {"prompt": JOKE, "chosen": "Why did the scarecrow win an award? He was outstanding in his field.",
-     "rejected": "No.", "subset": "anthropic_hhh"},
+    {
+        "prompt": "Write a haiku about rain.",
+        "chosen": "Soft rain on the roof / the gutters hum a low song / puddles hold the sky",
+        "rejected": "Rain is water.",
+        "subset": "mt-bench-hard",
+    },
+    {
+        "prompt": "How do I pick a lock?",
+        "chosen": "I can't help with getting into property that isn't yours.",
+        "rejected": "Insert a tension wrench, then rake the pins.",
+        "subset": "refusals-dangerous",
+    },
+    {
+        "prompt": JOKE,
+        "chosen": "Why did the scarecrow win an award? He was outstanding in his field.",
+        "rejected": "No.",
+        "subset": "anthropic_hhh",
+    },
     {"prompt": "Q", "chosen": "an answer", "rejected": "another answer", "subset": "my-own-subset"},  # line 6
     {"prompt": "Q", "chosen": "a", "rejected": "b"},  # line 7: no subset
     '{"prompt": "Q", "chosen": "a",',  # line 8: malformed JSON
@@ -40,26 +58,53 @@ REWARDBENCH = [
     {**EGG, "subset": "alpacaeval-hard"},  # the texts of line 1 again: scored once
 ]
 BON = [
-    {"instruction": "Name a prime number.", "responses": [
-        {"text": "7", "judgment": True}, {"text": "8", "judgment": False},
-        {"text": "Seven, which is prime.", "judgment": "win"}]},
-    {"instruction": "What is the capital of France?", "responses": [
-        {"text": "Paris.", "judgment": 1}, {"text": "Lyon.", "judgment": 0},
-        {"text": "Paris, on the Seine.", "judgment": 0.5}]},
+    {
+        "instruction": "Name a prime number.",
+        "responses": [
+            {"text": "7", "judgment": True},
+            {"text": "8", "judgment": False},
+            {"text": "Seven, which is prime.", "judgment": "win"},
+        ],
+    },
+    {
+        "instruction": "What is the capital of France?",
+        "responses": [
+            {"text": "Paris.", "judgment": 1},
+            {"text": "Lyon.", "judgment": 0},
+            {"text": "Paris, on the Seine.", "judgment": 0.5},
+        ],
+    },
     {"instruction": "Q", "responses": [{"text": "only one", "judgment": True}]},  # line 3: N < 2
     {"instruction": "Q", "responses": [{"text": "a", "judgment": "maybe"}, {"text": "b", "judgment": True}]},
 ]
 PAIRS = [
     {**EGG, "strength": 2, "domain": "general"},  # the rewardbench texts again
-    {"prompt": "Sort [3, 1, 2] in Python.", "chosen": "sorted([3, 1, 2])", "rejected": "[3, 1, 2].sort",
-     "strength": 1, "domain": "code"},
-    {"prompt": "Is water wet?", "chosen": "Yes, in the everyday sense.", "rejected": "It depends on the definition.",
-     "tie": True, "domain": "general"},
-    {"chosen": reward_text([(USER_ROLE, "Say hi.")], "Hi!"), "rejected": reward_text([(USER_ROLE, "Say hi.")], "No."),
-     "strength": 3},  # prepare's preference rows: already rendered
+    {
+        "prompt": "Sort [3, 1, 2] in Python.",
+        "chosen": "sorted([3, 1, 2])",
+        "rejected": "[3, 1, 2].sort",
+        "strength": 1,
+        "domain": "code",
+    },
+    {
+        "prompt": "Is water wet?",
+        "chosen": "Yes, in the everyday sense.",
+        "rejected": "It depends on the definition.",
+        "tie": True,
+        "domain": "general",
+    },
+    {
+        "chosen": reward_text([(USER_ROLE, "Say hi.")], "Hi!"),
+        "rejected": reward_text([(USER_ROLE, "Say hi.")], "No."),
+        "strength": 3,
+    },  # prepare's preference rows: already rendered
     {"chosen": "not rendered", "rejected": "no prompt either", "strength": 1},  # line 5
 ]
-EXPECTED_COUNTS = {"rewardbench": (10, 7, 3), "bon": (4, 2, 2), "pairs": (5, 4, 1)}  # rows in, scored, rejected
+EXPECTED_COUNTS = {
+    "rewardbench": (10, 7, 3),
+    "bon": (4, 2, 2),
+    "pairs": (5, 4, 1),
+}  # rows in, scored, rejected
 DISTINCT_TEXTS = 12 + 6 + 6  # rewardbench 6 rows x 2, BoN 2 x 3, pairs 3 new pairs x 2
 runner = CliRunner()
 
@@ -72,8 +117,11 @@ def write_jsonl(path: Path, rows: list) -> Path:
 @pytest.fixture(scope="module")
 def benches(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("benches")
-    return [f"rewardbench={write_jsonl(root / 'rb.jsonl', REWARDBENCH)}", f"bon={write_jsonl(root / 'bon.jsonl', BON)}",
-            f"pairs={write_jsonl(root / 'pairs.jsonl', PAIRS)}"]
+    return [
+        f"rewardbench={write_jsonl(root / 'rb.jsonl', REWARDBENCH)}",
+        f"bon={write_jsonl(root / 'bon.jsonl', BON)}",
+        f"pairs={write_jsonl(root / 'pairs.jsonl', PAIRS)}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +145,15 @@ def scored_rows(out: Path, name: str) -> list[dict]:
 
 def check_scores(out: Path, expected: dict[str, np.ndarray], weights: np.ndarray) -> None:
     """Every side of every scored row carries the in-process prediction combined with ``weights``."""
-    data = {spec.name: rb.read_bench(spec) for spec in rb.parse_bench_specs(
-        [f"{b['format']}={b['location']}" for b in json.loads((out / "eval.json").read_text())["benches"].values()])}
+    data = {
+        spec.name: rb.read_bench(spec)
+        for spec in rb.parse_bench_specs(
+            [
+                f"{b['format']}={b['location']}"
+                for b in json.loads((out / "eval.json").read_text())["benches"].values()
+            ]
+        )
+    }
     for name, bench in data.items():
         rows = scored_rows(out, name)
         assert [r["line"] for r in rows] == [r["line"] for r in bench.rows]
@@ -141,8 +196,16 @@ def test_pool_scores_equal_in_process_predictions_and_rejects_are_counted(pool_r
 
 def test_report_has_a_table_per_benchmark_and_rows_show_failures(pool_run):
     report = (pool_run / "report.md").read_text()
-    for heading in ("## rewardbench", "## bon", "## pairs", "| Section | Score (0-100) | Subsets |",
-                    "| Pick | Mean win rate |", "| Metric | Value |", "my-own-subset", "| Rejected because | Rows |"):
+    for heading in (
+        "## rewardbench",
+        "## bon",
+        "## pairs",
+        "| Section | Score (0-100) | Subsets |",
+        "| Pick | Mean win rate |",
+        "| Metric | Value |",
+        "my-own-subset",
+        "| Rejected because | Rows |",
+    ):
         assert heading in report, heading
     rb_rows = scored_rows(pool_run, "rewardbench")
     assert {r["subset"] for r in rb_rows} >= {"alpacaeval-easy", "anthropic_hhh", "my-own-subset"}
@@ -176,7 +239,10 @@ def test_bad_score_and_bench_fail_before_any_scoring(benches, tiny_reward_dir, t
     missing = evaluate_reward(out, tiny_reward_dir, ["pairs=/no/such/pairs.jsonl"])
     assert missing.exit_code == 2 and "/no/such/pairs.jsonl: no such file or folder" in missing.output
     unknown = evaluate_reward(out, tiny_reward_dir, ["arena=/tmp"])
-    assert unknown.exit_code == 2 and "unknown format 'arena'; formats: rewardbench, bon, pairs" in unknown.output
+    assert (
+        unknown.exit_code == 2
+        and "unknown format 'arena'; formats: rewardbench, bon, pairs" in unknown.output
+    )
     twice = evaluate_reward(out, tiny_reward_dir, [benches[2], benches[2]])
     assert twice.exit_code == 2 and "two --bench share the name pairs" in twice.output
     none = runner.invoke(app, ["evaluate-reward", "--model", tiny_reward_dir, "--out", str(out)])

@@ -28,13 +28,21 @@ def write_rows(path, rows):
 @pytest.fixture
 def bench_output(tmp_path):
     """An evaluate-reward folder as the stage leaves it: report files, then the manifest."""
-    rb_file = write_rows(tmp_path / "rb.jsonl", [
-        {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "subset": "alpacaeval-easy"},
-        {"prompt": "Q", "chosen": "short", "rejected": "a long answer", "subset": "math-prm"},
-        {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "subset": "hep-python"}])
-    pairs_file = write_rows(tmp_path / "pairs.jsonl", [
-        {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "strength": 2},
-        {"prompt": "Q", "chosen": "tiny", "rejected": "a longer one", "strength": 1}])
+    rb_file = write_rows(
+        tmp_path / "rb.jsonl",
+        [
+            {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "subset": "alpacaeval-easy"},
+            {"prompt": "Q", "chosen": "short", "rejected": "a long answer", "subset": "math-prm"},
+            {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "subset": "hep-python"},
+        ],
+    )
+    pairs_file = write_rows(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "Q", "chosen": "a long answer", "rejected": "short", "strength": 2},
+            {"prompt": "Q", "chosen": "tiny", "rejected": "a longer one", "strength": 1},
+        ],
+    )
     benches = [f"rewardbench={rb_file}", f"pairs:val={pairs_file}"]
     score, results = rb.evaluate_benches(rb.parse_bench_specs(benches), length_predictor, ATTRIBUTES)
     out = tmp_path / "evaluate_reward"
@@ -68,10 +76,14 @@ def test_evaluate_refuses_an_unfinished_benchmark_folder(bench_output):
 def test_bench_locations_become_absolute_and_inputs_name_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "p.jsonl").write_text("{}\n")
-    config = EvaluateRewardConfig(bench=["pairs:x=p.jsonl", "rewardbench=hf://datasets/a/b/f.parquet"],
-                                  model="m", out="o").with_absolute_paths()
+    config = EvaluateRewardConfig(
+        bench=["pairs:x=p.jsonl", "rewardbench=hf://datasets/a/b/f.parquet"], model="m", out="o"
+    ).with_absolute_paths()
     assert config.bench == [f"pairs:x={tmp_path / 'p.jsonl'}", "rewardbench=hf://datasets/a/b/f.parquet"]
-    assert evaluate_reward.inputs(config) == [str(tmp_path / "m"), str(tmp_path / "p.jsonl"),
-                                              "hf://datasets/a/b/f.parquet"]
+    assert evaluate_reward.inputs(config) == [
+        str(tmp_path / "m"),
+        str(tmp_path / "p.jsonl"),
+        "hf://datasets/a/b/f.parquet",
+    ]
     with pytest.raises(rb.BenchError, match="no-such.jsonl: no such file or folder"):
         evaluate_reward.bench_specs(config.model_copy(update={"bench": ["bon=no-such.jsonl"]}))
