@@ -52,8 +52,16 @@ OK, DROPPED = "ok", "dropped"
 # 1. Pure parts: labels, prompts, finished samples
 # --------------------------------------------------------------------------------------------------
 
-def draw_labels(prompt_id: int, count: int, attributes: Sequence[str], values: Sequence[int],
-                steering: Mapping[str, int], policy_attributes: Sequence[str] | None, seed: int) -> list[str]:
+
+def draw_labels(
+    prompt_id: int,
+    count: int,
+    attributes: Sequence[str],
+    values: Sequence[int],
+    steering: Mapping[str, int],
+    policy_attributes: Sequence[str] | None,
+    seed: int,
+) -> list[str]:
     """``count`` target labels for one prompt: each of ``attributes`` uniform over ``values``, the policy's
     other label attributes at ``steering`` over the defaults. Seeded by (seed, prompt): reproducible."""
     rng = np.random.default_rng([seed, prompt_id])
@@ -64,18 +72,34 @@ def draw_labels(prompt_id: int, count: int, attributes: Sequence[str], values: S
     return labels
 
 
-def group_rows(prompts: Sequence[Mapping[str, Any]], labels_per_prompt: int, attributes: Sequence[str],
-               values: Sequence[int], steering: Mapping[str, int], policy_attributes: Sequence[str] | None,
-               seed: int) -> list[dict[str, Any]]:
+def group_rows(
+    prompts: Sequence[Mapping[str, Any]],
+    labels_per_prompt: int,
+    attributes: Sequence[str],
+    values: Sequence[int],
+    steering: Mapping[str, int],
+    policy_attributes: Sequence[str] | None,
+    seed: int,
+) -> list[dict[str, Any]]:
     """One row per (prompt, label) for the actor pool; ``id`` = prompt_id * labels_per_prompt + j (stable)."""
     rows = []
     for prompt in prompts:
-        turns = [{"from": t["from"], "value": t["value"]} for t in prompt["context"]]  # no label lines (reference)
-        labels = draw_labels(int(prompt["prompt_id"]), labels_per_prompt, attributes, values, steering,
-                             policy_attributes, seed)
+        turns = [
+            {"from": t["from"], "value": t["value"]} for t in prompt["context"]
+        ]  # no label lines (reference)
+        labels = draw_labels(
+            int(prompt["prompt_id"]), labels_per_prompt, attributes, values, steering, policy_attributes, seed
+        )
         for j, label in enumerate(labels):
-            rows.append({"id": int(prompt["prompt_id"]) * labels_per_prompt + j, "prompt_id": int(prompt["prompt_id"]),
-                         "system": prompt["system"], "turns": json.dumps(turns, ensure_ascii=False), "label": label})
+            rows.append(
+                {
+                    "id": int(prompt["prompt_id"]) * labels_per_prompt + j,
+                    "prompt_id": int(prompt["prompt_id"]),
+                    "system": prompt["system"],
+                    "turns": json.dumps(turns, ensure_ascii=False),
+                    "label": label,
+                }
+            )
     return rows
 
 
@@ -106,16 +130,29 @@ def reward_text(record: SteerLM2Record, answer: str) -> str:
 def placeholder_record(row: Mapping[str, Any], values: Sequence[str]) -> SteerLM2Record:
     """The group with its answers but no log values yet (for rendering and tokenizing)."""
     turns = tuple((t["from"], t["value"]) for t in json.loads(str(row["turns"])))
-    return SteerLM2Record(str(row["system"]), turns, str(row["label"]),
-                          tuple(SteerLM2Response(v, 0.0, 0.0, 0.0) for v in values))
+    return SteerLM2Record(
+        str(row["system"]),
+        turns,
+        str(row["label"]),
+        tuple(SteerLM2Response(v, 0.0, 0.0, 0.0) for v in values),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
 # 2. Sampling and scoring (torch, inside the actor)
 # --------------------------------------------------------------------------------------------------
 
-def sample_raw(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
-               top_p: float, seed: int) -> list[tuple[str, int]]:
+
+def sample_raw(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+) -> list[tuple[str, int]]:
     """``(decoded continuation, generated tokens)`` per prompt, one batched ``generate``, stopping at the turn
     marker. Unlike the chat path nothing is cut or stripped: :func:`finished_answer` decides."""
     import torch
@@ -124,12 +161,21 @@ def sample_raw(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_to
     batch = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=False)
     device = next(model.parameters()).device
     batch = {key: value.to(device) for key, value in batch.items()}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-        {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p}
+        if temperature > 0
+        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    )
     torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                stop_strings=[TURN_START], tokenizer=tokenizer, **sampling)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            stop_strings=[TURN_START],
+            tokenizer=tokenizer,
+            **sampling,
+        )
     width = batch["input_ids"].shape[1]
     results = []
     for row in range(len(prompts)):
@@ -140,31 +186,51 @@ def sample_raw(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_to
     return results
 
 
-def negative_nll(model: Any, tokenizer: Any, records: Sequence[SteerLM2Record], max_length: int, *,
-                 conditioned: bool, micro_batch: int) -> tuple[list[list[float]], list[bool]]:
+def negative_nll(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[SteerLM2Record],
+    max_length: int,
+    *,
+    conditioned: bool,
+    micro_batch: int,
+) -> tuple[list[list[float]], list[bool]]:
     """``-response_nll`` per response of each group (the trainer's tokens and masks), and per group whether
     a response did not fit ``max_length`` (its value would cover tokens training cuts)."""
     groups = [tokenize_group(record, tokenizer, max_length, conditioned=conditioned) for record in records]
     flat = [example for group in groups for example in group]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll = response_nll(model, [e.input_ids for e in flat], [e.labels for e in flat], pad,
-                       micro_batch=micro_batch).tolist() if flat else []
+    nll = (
+        response_nll(
+            model, [e.input_ids for e in flat], [e.labels for e in flat], pad, micro_batch=micro_batch
+        ).tolist()
+        if flat
+        else []
+    )
     out, start = [], 0
     for group in groups:
-        out.append([-float(v) for v in nll[start:start + len(group)]])
+        out.append([-float(v) for v in nll[start : start + len(group)]])
         start += len(group)
     return out, [any(e.truncated for e in group) for group in groups]
 
 
-def fit_sigmas(reward_model: str, texts: Sequence[str], labels: Sequence[Sequence[float]], *,
-               max_length: int | None, batch_size: int, precision: str = "auto",
-               threads: int | None = None) -> tuple[dict[str, float], dict[str, int], list[str]]:
+def fit_sigmas(
+    reward_model: str,
+    texts: Sequence[str],
+    labels: Sequence[Sequence[float]],
+    *,
+    max_length: int | None,
+    batch_size: int,
+    precision: str = "auto",
+    threads: int | None = None,
+) -> tuple[dict[str, float], dict[str, int], list[str]]:
     """Sigmas of the label likelihood from the reward model's residuals on labelled validation texts.
 
     ``labels`` are 9 floats in canonical order (prepare's regression rows, -100 = missing). Returns
     ``(sigmas, labelled cells per attribute, the model's attributes)``."""
-    predictor = load_predictor(reward_model, max_length=max_length, batch_size=batch_size, precision=precision,
-                               threads=threads)
+    predictor = load_predictor(
+        reward_model, max_length=max_length, batch_size=batch_size, precision=precision, threads=threads
+    )
     preds, _ = predictor(list(texts))
     attributes = list(predictor.attributes)
     columns = np.asarray([[row[ATTRIBUTE_INDEX[a]] for a in attributes] for row in labels], dtype=np.float64)
@@ -177,6 +243,7 @@ def fit_sigmas(reward_model: str, texts: Sequence[str], labels: Sequence[Sequenc
 # 3. The actor: one batch of groups in, one record (or a drop reason) per group out
 # --------------------------------------------------------------------------------------------------
 
+
 class SteerLM2Sampler:
     """Loads Q', the reference (Q' itself unless given) and the reward model once; per batch of group rows
     (``id, prompt_id, system, turns, label``) samples, retries unfinished samples and scores the groups.
@@ -185,16 +252,33 @@ class SteerLM2Sampler:
     (samples drawn in all), ``redraws`` (JSON ``{why: count}``), ``predictions`` (JSON, per response).
     """
 
-    def __init__(self, policy: str, reward_model: str, sigmas: Mapping[str, float], *, n: int, max_length: int,
-                 sampling: Mapping[str, Any], max_attempts: int, reference: str | None = None,
-                 reward_max_length: int | None = None, reward_batch_size: int = 16, score_batch_size: int = 8,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        policy: str,
+        reward_model: str,
+        sigmas: Mapping[str, float],
+        *,
+        n: int,
+        max_length: int,
+        sampling: Mapping[str, Any],
+        max_attempts: int,
+        reference: str | None = None,
+        reward_max_length: int | None = None,
+        reward_batch_size: int = 16,
+        score_batch_size: int = 8,
+        threads: int | None = None,
+    ) -> None:
         import torch
 
         device = pick_device()
         if device == "cpu":  # one actor per node on CPU: it uses the node's cores (Ray sets 1 thread)
             torch.set_num_threads(max(1, threads or os.cpu_count() or 1))
-        self.sampling, self.n, self.max_length, self.max_attempts = dict(sampling), n, max_length, max_attempts
+        self.sampling, self.n, self.max_length, self.max_attempts = (
+            dict(sampling),
+            n,
+            max_length,
+            max_attempts,
+        )
         dtype = inference_dtype(self.sampling.get("precision", "auto"), device)
         self.tokenizer = load_tokenizer(policy)
         self.policy = load_causal_lm(policy, dtype=dtype).to(device).eval()
@@ -203,28 +287,40 @@ class SteerLM2Sampler:
         else:
             self.reference_tokenizer = load_tokenizer(reference)
             self.reference = load_causal_lm(reference, dtype=dtype).to(device).eval()
-        self.predictor = load_predictor(reward_model, max_length=reward_max_length, batch_size=reward_batch_size,
-                                        precision=self.sampling.get("precision", "auto"))
+        self.predictor = load_predictor(
+            reward_model,
+            max_length=reward_max_length,
+            batch_size=reward_batch_size,
+            precision=self.sampling.get("precision", "auto"),
+        )
         self.sigmas, self.score_batch_size = dict(sigmas), score_batch_size
 
-    def _draw(self, prompts: Sequence[str], slots: list[tuple[int, int]], ids: Sequence[int],
-              attempt: int) -> list[tuple[str | None, str, int]]:
+    def _draw(
+        self, prompts: Sequence[str], slots: list[tuple[int, int]], ids: Sequence[int], attempt: int
+    ) -> list[tuple[str | None, str, int]]:
         """One attempt at the given (group, sample) slots: ``(answer or None, why not, tokens)`` each."""
         s, out = self.sampling, []
         step = int(s["batch_size"])
         for start in range(0, len(slots), step):
-            chunk = slots[start:start + step]
+            chunk = slots[start : start + step]
             g, k = chunk[0]
             # Reproducible: the seed follows the first slot's group id, sample index and the attempt.
             seed = int(s["seed"]) + 1_000_003 * attempt + int(ids[g]) * self.n + k
-            raws = sample_raw(self.policy, self.tokenizer, [prompts[g] for g, _ in chunk],
-                              max_new_tokens=int(s["max_new_tokens"]), temperature=float(s["temperature"]),
-                              top_p=float(s["top_p"]), seed=seed)
+            raws = sample_raw(
+                self.policy,
+                self.tokenizer,
+                [prompts[g] for g, _ in chunk],
+                max_new_tokens=int(s["max_new_tokens"]),
+                temperature=float(s["temperature"]),
+                top_p=float(s["top_p"]),
+                seed=seed,
+            )
             out += [(*finished_answer(raw), tokens) for raw, tokens in raws]
         return out
 
-    def sample_groups(self, prompts: Sequence[str], ids: Sequence[int], live: Sequence[bool]
-                      ) -> tuple[list[list[str | None]], list[int], list[Counter]]:
+    def sample_groups(
+        self, prompts: Sequence[str], ids: Sequence[int], live: Sequence[bool]
+    ) -> tuple[list[list[str | None]], list[int], list[Counter]]:
         """Answers per group (None where every attempt failed), samples drawn and redraw reasons per group."""
         answers: list[list[str | None]] = [[None] * self.n for _ in prompts]
         drawn = [0] * len(prompts)
@@ -233,7 +329,9 @@ class SteerLM2Sampler:
         for attempt in range(self.max_attempts):
             if not pending:
                 break
-            for (g, k), (answer, reason, _) in zip(pending, self._draw(prompts, pending, ids, attempt), strict=True):
+            for (g, k), (answer, reason, _) in zip(
+                pending, self._draw(prompts, pending, ids, attempt), strict=True
+            ):
                 drawn[g] += 1
                 if answer is None:
                     why[g][reason] += 1
@@ -242,12 +340,26 @@ class SteerLM2Sampler:
             pending = [(g, k) for g, k in pending if answers[g][k] is None]
         return answers, drawn, why
 
-    def score(self, records: Sequence[SteerLM2Record]) -> tuple[list[SteerLM2Record | None], list[list[list[float]]]]:
+    def score(
+        self, records: Sequence[SteerLM2Record]
+    ) -> tuple[list[SteerLM2Record | None], list[list[list[float]]]]:
         """The three log values of every response; None for a group that does not fit ``max_length``."""
-        log_q, long_q = negative_nll(self.policy, self.tokenizer, records, self.max_length, conditioned=True,
-                                     micro_batch=self.score_batch_size)
-        log_py, _ = negative_nll(self.reference, self.reference_tokenizer, records, self.max_length,
-                                 conditioned=False, micro_batch=self.score_batch_size)
+        log_q, long_q = negative_nll(
+            self.policy,
+            self.tokenizer,
+            records,
+            self.max_length,
+            conditioned=True,
+            micro_batch=self.score_batch_size,
+        )
+        log_py, _ = negative_nll(
+            self.reference,
+            self.reference_tokenizer,
+            records,
+            self.max_length,
+            conditioned=False,
+            micro_batch=self.score_batch_size,
+        )
         texts = [reward_text(record, r.value) for record in records for r in record.responses]
         preds = self.predictor(texts)[0] if texts else np.zeros((0, len(self.predictor.attributes)))
         labels = [record.label for record in records for _ in record.responses]
@@ -255,15 +367,29 @@ class SteerLM2Sampler:
         scored: list[SteerLM2Record | None] = []
         for g, record in enumerate(records):
             part = slice(g * self.n, (g + 1) * self.n)
-            scored.append(None if long_q[g] else make_record(
-                record.system, record.prompt_turns, record.label, [r.value for r in record.responses],
-                log_pa[part], log_py[g], log_q[g]))
-        return scored, [preds[part].tolist() for part in (slice(g * self.n, (g + 1) * self.n)
-                                                           for g in range(len(records)))]
+            scored.append(
+                None
+                if long_q[g]
+                else make_record(
+                    record.system,
+                    record.prompt_turns,
+                    record.label,
+                    [r.value for r in record.responses],
+                    log_pa[part],
+                    log_py[g],
+                    log_q[g],
+                )
+            )
+        return scored, [
+            preds[part].tolist()
+            for part in (slice(g * self.n, (g + 1) * self.n) for g in range(len(records)))
+        ]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{key: batch[key][i] for key in batch} for i in range(len(batch["id"]))]
-        prompts = [steerlm2_prompt(str(r["system"]), json.loads(str(r["turns"])), str(r["label"])) for r in rows]
+        prompts = [
+            steerlm2_prompt(str(r["system"]), json.loads(str(r["turns"])), str(r["label"])) for r in rows
+        ]
         room = self.max_length - int(self.sampling["max_new_tokens"]) - 2
         lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         live = [n <= room for n in lengths]
@@ -271,21 +397,33 @@ class SteerLM2Sampler:
         finished = [g for g in range(len(rows)) if live[g] and all(a is not None for a in answers[g])]
         records = [placeholder_record(rows[g], [a for a in answers[g] if a is not None]) for g in finished]
         scored, preds = self.score(records) if records else ([], [])
-        status, reason, record, predictions = [DROPPED] * len(rows), [""] * len(rows), [""] * len(rows), ["[]"] * len(rows)
+        status, reason, record, predictions = (
+            [DROPPED] * len(rows),
+            [""] * len(rows),
+            [""] * len(rows),
+            ["[]"] * len(rows),
+        )
         for g in range(len(rows)):
             if not live[g]:
-                reason[g] = f"prompt too long: {lengths[g]} tokens + max_new_tokens > max_length {self.max_length}"
+                reason[g] = (
+                    f"prompt too long: {lengths[g]} tokens + max_new_tokens > max_length {self.max_length}"
+                )
             elif g not in finished:
-                reason[g] = f"unfinished: a sample did not end with \\n{TURN_START} in {self.max_attempts} attempts"
+                reason[g] = (
+                    f"unfinished: a sample did not end with \\n{TURN_START} in {self.max_attempts} attempts"
+                )
         for g, result, pred in zip(finished, scored, preds, strict=True):
             if result is None:
                 reason[g] = f"too long: a response renders to more than max_length {self.max_length} tokens"
                 continue
             status[g], record[g], predictions[g] = OK, dumps_record(result), json.dumps(pred)
         out = dict(batch)
-        out.update(status=np.array(status, dtype=object), reason=np.array(reason, dtype=object),
-                   record=np.array(record, dtype=object), predictions=np.array(predictions, dtype=object),
-                   attempts=np.array(drawn, dtype=np.int64),
-                   redraws=np.array([json.dumps(dict(c)) for c in why], dtype=object))
+        out.update(
+            status=np.array(status, dtype=object),
+            reason=np.array(reason, dtype=object),
+            record=np.array(record, dtype=object),
+            predictions=np.array(predictions, dtype=object),
+            attempts=np.array(drawn, dtype=np.int64),
+            redraws=np.array([json.dumps(dict(c)) for c in why], dtype=object),
+        )
         return out
-

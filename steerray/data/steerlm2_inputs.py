@@ -35,9 +35,13 @@ def data_files(data: str | Path) -> tuple[list[str], list[str]]:
     if path.is_file():
         return [str(path)], []
     if (path / "train.jsonl").is_file():
-        return [str(path / "train.jsonl")], [str(path / "val.jsonl")] if (path / "val.jsonl").is_file() else []
-    raise SteerLM2InputError(f"{path}: no such file, and no train.jsonl in it (give a steerlm2-data output folder "
-                             "or a SteerLM 2.0 jsonl file)")
+        return [str(path / "train.jsonl")], [str(path / "val.jsonl")] if (
+            path / "val.jsonl"
+        ).is_file() else []
+    raise SteerLM2InputError(
+        f"{path}: no such file, and no train.jsonl in it (give a steerlm2-data output folder "
+        "or a SteerLM 2.0 jsonl file)"
+    )
 
 
 def group_size(path: str, label_attributes: Sequence[str] | None) -> int:
@@ -48,15 +52,26 @@ def group_size(path: str, label_attributes: Sequence[str] | None) -> int:
                 return parse_line(raw, label_attributes=label_attributes).n
             except SteerLM2RecordError:
                 continue
-    raise SteerLM2InputError(f"{path}: no valid SteerLM 2.0 group in the file (the schema: steerray.data.steerlm2)")
+    raise SteerLM2InputError(
+        f"{path}: no valid SteerLM 2.0 group in the file (the schema: steerray.data.steerlm2)"
+    )
 
 
-def tokenize_groups(batch: Mapping[str, Any], *, tokenizer_source: str, trust_remote_code: bool, max_length: int,
-                    expected_n: int, label_attributes: Sequence[str] | None) -> dict[str, Any]:
+def tokenize_groups(
+    batch: Mapping[str, Any],
+    *,
+    tokenizer_source: str,
+    trust_remote_code: bool,
+    max_length: int,
+    expected_n: int,
+    label_attributes: Sequence[str] | None,
+) -> dict[str, Any]:
     """Ray Data body: :func:`tokenize_group_batch` with the process's cached tokenizer, plus ``length`` (the
     group's tokens, what batches are grouped by) and the row's ``split``."""
     tokenizer = cached_tokenizer(tokenizer_source, trust_remote_code)
-    out = tokenize_group_batch(batch, tokenizer, max_length, expected_n=expected_n, label_attributes=label_attributes)
+    out = tokenize_group_batch(
+        batch, tokenizer, max_length, expected_n=expected_n, label_attributes=label_attributes
+    )
     out["length"] = np.asarray([int(np.sum(x)) for x in out["lengths"]], dtype=np.int64)
     out["split"] = np.asarray([str(s) for s in batch["split"]])
     return out
@@ -72,7 +87,9 @@ def count_groups(batches: Iterable[Mapping[str, Any]]) -> tuple[dict[str, Any], 
         for file, line, split, status, reason, *logs in zip(*(batch[c] for c in COUNT_COLUMNS), strict=True):
             counts[f"{split}_{status}"] += 1
             if status != STATUS_OK:
-                rejects.append({"file": str(file), "line": int(line), "split": str(split), "reason": str(reason)})
+                rejects.append(
+                    {"file": str(file), "line": int(line), "split": str(split), "reason": str(reason)}
+                )
                 reasons[reason_category(str(reason))] += 1
             elif not all(math.isfinite(float(v)) for part in logs for v in part):
                 counts[f"{split}_nonfinite"] += 1

@@ -57,12 +57,16 @@ def label_plan(cfg: SteerLM2DataConfig) -> tuple[list[str], tuple[str, ...] | No
     trained = model_label_attributes(cfg.policy)
     drawn = list(cfg.label_attributes or trained or [])
     if not drawn:
-        raise SteerLM2DataError(f"{cfg.policy} records no label attributes (trained on full labels): set "
-                                "label_attributes to the attributes whose values are drawn, e.g. [verbosity]")
+        raise SteerLM2DataError(
+            f"{cfg.policy} records no label attributes (trained on full labels): set "
+            "label_attributes to the attributes whose values are drawn, e.g. [verbosity]"
+        )
     extra = [a for a in [*drawn, *cfg.steering] if trained is not None and a not in trained]
     if extra:
-        raise SteerLM2DataError(f"label_attributes/steering name {extra}, which {cfg.policy} was not trained on "
-                                f"(its label attributes: {', '.join(trained or ())})")
+        raise SteerLM2DataError(
+            f"label_attributes/steering name {extra}, which {cfg.policy} was not trained on "
+            f"(its label attributes: {', '.join(trained or ())})"
+        )
     return drawn, trained
 
 
@@ -72,13 +76,17 @@ def val_file(cfg: SteerLM2DataConfig) -> Path:
 
 def check(cfg: SteerLM2DataConfig) -> None:
     if conversation_file(cfg.data, "train") is None:
-        raise SteerLM2DataError(f"no training conversations at {cfg.data} (a jsonl file, or a folder with train.jsonl)")
+        raise SteerLM2DataError(
+            f"no training conversations at {cfg.data} (a jsonl file, or a folder with train.jsonl)"
+        )
     for model in (cfg.policy, cfg.reference):
         if model:
             resolve_model(model)
     if not val_file(cfg).is_file():
-        raise SteerLM2DataError(f"{val_file(cfg)}: missing; reward_data must be a prepare output whose labelled "
-                                "validation rows fit the label likelihood's sigmas")
+        raise SteerLM2DataError(
+            f"{val_file(cfg)}: missing; reward_data must be a prepare output whose labelled "
+            "validation rows fit the label likelihood's sigmas"
+        )
     drawn, trained = label_plan(cfg)
     needed = set(trained or ATTRIBUTES) | set(drawn)
     missing = sorted(needed - set(reward_model_attributes(cfg.reward_model)))
@@ -87,8 +95,13 @@ def check(cfg: SteerLM2DataConfig) -> None:
 
 
 def inputs(cfg: SteerLM2DataConfig) -> list[str]:
-    return [str(conversation_file(cfg.data, "train")), cfg.policy, cfg.reference or "", cfg.reward_model,
-            str(val_file(cfg))]
+    return [
+        str(conversation_file(cfg.data, "train")),
+        cfg.policy,
+        cfg.reference or "",
+        cfg.reward_model,
+        str(val_file(cfg)),
+    ]
 
 
 # 2. The label likelihood's parameters, fitted where the reward model can run.
@@ -99,13 +112,23 @@ def likelihood(cfg: SteerLM2DataConfig, needed: set[str]) -> dict[str, Any]:
     rows = split.rows[: cfg.sigma_rows]
     gpus = int(ray.cluster_resources().get("GPU", 0))
     task = cast(Any, ray.remote(**({"num_gpus": 1} if gpus else {"num_cpus": 0.5})))(fit_sigmas)
-    sigmas, cells, _ = ray.get(task.remote(
-        cfg.reward_model, [r["text"] for r in rows], [r["label"] for r in rows], max_length=cfg.reward_max_length,
-        batch_size=cfg.reward_batch_size, precision=cfg.sampling.precision, threads=None if gpus else 2))
+    sigmas, cells, _ = ray.get(
+        task.remote(
+            cfg.reward_model,
+            [r["text"] for r in rows],
+            [r["label"] for r in rows],
+            max_length=cfg.reward_max_length,
+            batch_size=cfg.reward_batch_size,
+            precision=cfg.sampling.precision,
+            threads=None if gpus else 2,
+        )
+    )
     missing = sorted(needed - set(sigmas))
     if missing:
-        raise SteerLM2DataError(f"{val_file(cfg)}: fewer than 2 labelled rows for {missing} among {len(rows)} rows "
-                                "(and rejects: " + str(len(split.rejects)) + "); no sigma to score those labels")
+        raise SteerLM2DataError(
+            f"{val_file(cfg)}: fewer than 2 labelled rows for {missing} among {len(rows)} rows "
+            "(and rejects: " + str(len(split.rejects)) + "); no sigma to score those labels"
+        )
     return {**likelihood_params(sigmas, cells), "fitted_on": str(val_file(cfg)), "rows": len(rows)}
 
 
@@ -122,11 +145,22 @@ def fitting_rows(cfg: SteerLM2DataConfig, rows: list[dict[str, Any]]) -> tuple[l
     return [r for r in rows if r["prompt_id"] in kept], len(long)
 
 
-def sample(cfg: SteerLM2DataConfig, rows: list[dict[str, Any]], sigmas: dict[str, float]) -> list[dict[str, Any]]:
-    kwargs = {"policy": cfg.policy, "reference": cfg.reference, "reward_model": cfg.reward_model, "sigmas": sigmas,
-              "n": cfg.samples_per_prompt, "max_length": cfg.max_length, "sampling": cfg.sampling.model_dump(),
-              "max_attempts": cfg.max_attempts, "reward_max_length": cfg.reward_max_length,
-              "reward_batch_size": cfg.reward_batch_size, "score_batch_size": cfg.score_batch_size}
+def sample(
+    cfg: SteerLM2DataConfig, rows: list[dict[str, Any]], sigmas: dict[str, float]
+) -> list[dict[str, Any]]:
+    kwargs = {
+        "policy": cfg.policy,
+        "reference": cfg.reference,
+        "reward_model": cfg.reward_model,
+        "sigmas": sigmas,
+        "n": cfg.samples_per_prompt,
+        "max_length": cfg.max_length,
+        "sampling": cfg.sampling.model_dump(),
+        "max_attempts": cfg.max_attempts,
+        "reward_max_length": cfg.reward_max_length,
+        "reward_batch_size": cfg.reward_batch_size,
+        "score_batch_size": cfg.score_batch_size,
+    }
     groups = max(1, cfg.sampling.batch_size // cfg.samples_per_prompt)
     return map_rows(rows, SteerLM2Sampler, kwargs, batch_size=groups, desc="steerlm2-data: sample + score")
 
@@ -148,7 +182,9 @@ def weight_stats(records: list[Any]) -> dict[str, Any]:
             ess.append(float(1.0 / np.sum(w * w)))
     finite = {key: [v for v in values if math.isfinite(v)] for key, values in logs.items()}
     return {"mean_" + key: float(np.mean(v)) if v else None for key, v in finite.items()} | {
-        "mean_effective_samples": float(np.mean(ess)) if ess else None, "n": records[0].n}
+        "mean_effective_samples": float(np.mean(ess)) if ess else None,
+        "n": records[0].n,
+    }
 
 
 # 4. The stage.
@@ -165,15 +201,25 @@ def write_outputs(cfg: SteerLM2DataConfig, results: list[dict[str, Any]]) -> tup
         else:
             reasons[reason_category(str(row["reason"]))] += 1
         redraws.update(json.loads(str(row["redraws"])))
-        diagnostics.append({key: row[key] for key in ("id", "prompt_id", "label", "status", "reason", "attempts")}
-                           | {"split": split, "redraws": json.loads(str(row["redraws"])),
-                              "predictions": json.loads(str(row["predictions"]))})
+        diagnostics.append(
+            {key: row[key] for key in ("id", "prompt_id", "label", "status", "reason", "attempts")}
+            | {
+                "split": split,
+                "redraws": json.loads(str(row["redraws"])),
+                "predictions": json.loads(str(row["predictions"])),
+            }
+        )
     for split, records in kept.items():
         write_records(out / f"{split}.jsonl", records)
     write_jsonl(out / "groups.jsonl", diagnostics)
-    counts = {"groups": len(results), "train_groups": len(kept["train"]), "val_groups": len(kept["val"]),
-              "dropped": dict(reasons), "samples_drawn": int(sum(int(r["attempts"]) for r in results)),
-              "samples_redrawn": dict(redraws)}
+    counts = {
+        "groups": len(results),
+        "train_groups": len(kept["train"]),
+        "val_groups": len(kept["val"]),
+        "dropped": dict(reasons),
+        "samples_drawn": int(sum(int(r["attempts"]) for r in results)),
+        "samples_redrawn": dict(redraws),
+    }
     return counts, kept["train"] + kept["val"]
 
 
@@ -182,30 +228,48 @@ def run(cfg: SteerLM2DataConfig) -> StageResult:
     drawn, trained = label_plan(cfg)
     train_file = conversation_file(cfg.data, "train")
     prompts = training_prompts(read_jsonl(train_file)) if train_file else []
-    rows = group_rows(prompts, cfg.labels_per_prompt, drawn, cfg.label_values, cfg.steering, trained,
-                      cfg.sampling.seed)
+    rows = group_rows(
+        prompts, cfg.labels_per_prompt, drawn, cfg.label_values, cfg.steering, trained, cfg.sampling.seed
+    )
     rows, too_long = fitting_rows(cfg, rows)
     if not rows:
-        raise SteerLM2DataError(f"{train_file} has no conversation with a user turn before an assistant answer "
-                                f"whose prompt leaves sampling.max_new_tokens in max_length ({too_long} too long)")
+        raise SteerLM2DataError(
+            f"{train_file} has no conversation with a user turn before an assistant answer "
+            f"whose prompt leaves sampling.max_new_tokens in max_length ({too_long} too long)"
+        )
     runtime.init_ray()
     params = likelihood(cfg, set(trained or ATTRIBUTES) | set(drawn))
     atomic_write_json(out / "likelihood.json", params)
     counts, records = write_outputs(cfg, sample(cfg, rows, params["sigmas"]))
     counts["prompts_too_long"] = too_long
     if not records:
-        raise SteerLM2DataError(f"no group finished: {counts['dropped']}; raise sampling.max_new_tokens or "
-                                f"max_attempts (see {out / 'groups.jsonl'})")
+        raise SteerLM2DataError(
+            f"no group finished: {counts['dropped']}; raise sampling.max_new_tokens or "
+            f"max_attempts (see {out / 'groups.jsonl'})"
+        )
     weights = weight_stats(records)
-    print(f"[steerlm2-data] {counts['train_groups']} train + {counts['val_groups']} val groups of "
-          f"{cfg.samples_per_prompt}; dropped {counts['dropped']}; mean effective samples "
-          f"{weights['mean_effective_samples']}; data: {out / 'train.jsonl'}")
-    summary = {"data": str(out), "groups": counts["train_groups"] + counts["val_groups"],
-               "dropped": sum(counts["dropped"].values()), "mean_effective_samples": weights["mean_effective_samples"],
-               "seconds": round(time.time() - started, 1)}
-    return StageResult(summary, {"counts": counts, "likelihood_params": params, "weights": weights,
-                                 "labels": {"drawn": drawn, "values": cfg.label_values, "policy_attributes": trained},
-                                 "outputs": ["train.jsonl", "val.jsonl", "groups.jsonl", "likelihood.json"]})
+    print(
+        f"[steerlm2-data] {counts['train_groups']} train + {counts['val_groups']} val groups of "
+        f"{cfg.samples_per_prompt}; dropped {counts['dropped']}; mean effective samples "
+        f"{weights['mean_effective_samples']}; data: {out / 'train.jsonl'}"
+    )
+    summary = {
+        "data": str(out),
+        "groups": counts["train_groups"] + counts["val_groups"],
+        "dropped": sum(counts["dropped"].values()),
+        "mean_effective_samples": weights["mean_effective_samples"],
+        "seconds": round(time.time() - started, 1),
+    }
+    return StageResult(
+        summary,
+        {
+            "counts": counts,
+            "likelihood_params": params,
+            "weights": weights,
+            "labels": {"drawn": drawn, "values": cfg.label_values, "policy_attributes": trained},
+            "outputs": ["train.jsonl", "val.jsonl", "groups.jsonl", "likelihood.json"],
+        },
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

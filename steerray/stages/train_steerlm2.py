@@ -72,8 +72,9 @@ class SteerLM2Task(TrainTask):
         import torch
 
         groups = [unpack_group({key: rows[key][i] for key in GROUP_COLUMNS}) for i in indices]
-        batch = collate_sft([ids for g in groups for ids in g.input_ids], [lab for g in groups for lab in g.labels],
-                            pad_id)
+        batch = collate_sft(
+            [ids for g in groups for ids in g.input_ids], [lab for g in groups for lab in g.labels], pad_id
+        )
         batch = {key: value.to(device) for key, value in batch.items()}
         batch["logs"] = torch.tensor([[g.log_pa, g.log_py, g.log_q] for g in groups], dtype=torch.float64)
         batch["trained_tokens"] = torch.tensor([g.trained_tokens for g in groups], dtype=torch.float64)
@@ -85,7 +86,9 @@ class SteerLM2Task(TrainTask):
     def group_nll(self, prepared: Any, batch: dict[str, Any]) -> Any:
         """``[G, n]`` summed token NLL of every response under the current theta (with grad if enabled)."""
         with prepared.strategy.autocast():
-            logits = prepared.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = prepared.module(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
         return sequence_nll(logits, batch["labels"]).view(batch["logs"].shape[0], -1)
 
     def objective(self, nll: Any, batch: dict[str, Any]) -> tuple[Any, float, int, int]:
@@ -108,17 +111,28 @@ class SteerLM2Task(TrainTask):
     def step_metrics(self, strategy: Any) -> dict[str, Any]:
         kl, kept, skipped = strategy.all_reduce_sum(self.gathered)
         self.gathered = [0.0, 0.0, 0.0]
-        return {"distance": kl / kept if kept else None, "groups_kept": int(kept), "groups_skipped": int(skipped)}
+        return {
+            "distance": kl / kept if kept else None,
+            "groups_kept": int(kept),
+            "groups_skipped": int(skipped),
+        }
 
     def evaluate(self, prepared: Any, rows: Any, pad_id: int) -> dict[str, Any]:
         def score(batch: dict[str, Any]) -> tuple[float, int, int]:
             return self.objective(self.group_nll(prepared, batch), batch)[1:]
 
-        parts = [part for _, part in sharded_eval(self, prepared, rows, pad_id, self.config.train.micro_batch_size,
-                                                   score)]
+        parts = [
+            part
+            for _, part in sharded_eval(
+                self, prepared, rows, pad_id, self.config.train.micro_batch_size, score
+            )
+        ]
         kept = sum(p[1] for p in parts)
-        return {"distance": sum(p[0] for p in parts) / kept if kept else None, "groups": kept,
-                "groups_skipped": sum(p[2] for p in parts)}
+        return {
+            "distance": sum(p[0] for p in parts) / kept if kept else None,
+            "groups": kept,
+            "groups_skipped": sum(p[2] for p in parts),
+        }
 
     def before_export(self, prepared: Any, tokenizer: Any) -> None:
         attributes = self.options.get("label_attributes")
@@ -134,19 +148,29 @@ def tokenized_dataset(cfg: SteerLM2TrainConfig, n: int, attributes: tuple[str, .
     import ray.data
 
     train, val = data_files(cfg.data)
-    tasks = [{**dataclasses.asdict(t), "split": split} for split, files in (("train", train), ("val", val))
-             for t in readers.plan_reads(files)]
+    tasks = [
+        {**dataclasses.asdict(t), "split": split}
+        for split, files in (("train", train), ("val", val))
+        for t in readers.plan_reads(files)
+    ]
 
     def read(task: dict[str, Any]) -> Any:
         for row in readers.read_task_rows(task):
             yield {**row, "split": task["split"]}
 
     raw = ray.data.from_items(tasks, override_num_blocks=len(tasks)).flat_map(read)
-    return raw.map_batches(cast(Any, tokenize_groups), fn_kwargs={
-        "tokenizer_source": cfg.model.name, "trust_remote_code": cfg.model.trust_remote_code,
-        "max_length": cfg.model.max_length, "expected_n": n,
-        "label_attributes": list(attributes) if attributes is not None else None},
-        batch_size=64, num_cpus=0.5).materialize()
+    return raw.map_batches(
+        cast(Any, tokenize_groups),
+        fn_kwargs={
+            "tokenizer_source": cfg.model.name,
+            "trust_remote_code": cfg.model.trust_remote_code,
+            "max_length": cfg.model.max_length,
+            "expected_n": n,
+            "label_attributes": list(attributes) if attributes is not None else None,
+        },
+        batch_size=64,
+        num_cpus=0.5,
+    ).materialize()
 
 
 def count_and_reject(dataset: Any, out: Path, data: str) -> dict[str, Any]:
@@ -154,20 +178,30 @@ def count_and_reject(dataset: Any, out: Path, data: str) -> dict[str, Any]:
     counts, rejects = count_groups(batches)
     write_jsonl(out / "rejects.jsonl", rejects)
     if not counts.get(f"train_{STATUS_OK}"):
-        raise SteerLM2TrainError(f"no usable group in {data}: {counts['rejects_by_reason']}; see "
-                                 f"{out / 'rejects.jsonl'}")
+        raise SteerLM2TrainError(
+            f"no usable group in {data}: {counts['rejects_by_reason']}; see {out / 'rejects.jsonl'}"
+        )
     return counts
 
 
-# 3. The stage.
+# 3. The stage: checks before Ray starts, the fit (resumable), the distance before and after.
+def label_attributes(cfg: SteerLM2TrainConfig) -> tuple[str, ...] | None:
+    """What labels may name: the config's list, else the label attributes Q' was trained on (None: any)."""
+    return tuple(cfg.label_attributes) if cfg.label_attributes else model_label_attributes(cfg.model.name)
+
+
 def check(cfg: SteerLM2TrainConfig) -> None:
-    data_files(cfg.data)
+    train, _ = data_files(cfg.data)
     resolve_model(cfg.model.name)
+    if cfg.samples_per_prompt is None:
+        group_size(train[0], label_attributes(cfg))  # a file without one valid group fails here, before Ray
     made = read_manifest(Path(cfg.data)) if Path(cfg.data).is_dir() else None
     length = ((made or {}).get("config") or {}).get("max_length")
     if length is not None and length != cfg.model.max_length:
-        raise SteerLM2TrainError(f"model.max_length={cfg.model.max_length}, but {cfg.data} was scored with "
-                                 f"max_length={length}: log Q' must cover the tokens training trains")
+        raise SteerLM2TrainError(
+            f"model.max_length={cfg.model.max_length}, but {cfg.data} was scored with "
+            f"max_length={length}: log Q' must cover the tokens training trains"
+        )
 
 
 def inputs(cfg: SteerLM2TrainConfig) -> list[str]:
@@ -175,9 +209,41 @@ def inputs(cfg: SteerLM2TrainConfig) -> list[str]:
     return train + val + [cfg.model.name]
 
 
+def distance_summary(
+    summary: dict[str, Any], out: Path, n: int, counts: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The distance before and after training (held-out groups if any, else the first and last step)."""
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "train" and "distance" in r]
+    val_first, val = summary.pop("val_first") or {}, summary.pop("val") or {}
+    summary.update(
+        n=n,
+        rows=counts,
+        train_loss=summary.pop("last_loss"),
+        distance_first_step=steps[0]["distance"] if steps else None,
+        distance_last_step=steps[-1]["distance"] if steps else None,
+        val_distance_before=val_first.get("distance"),
+        val_distance_after=val.get("distance"),
+        groups_skipped=sum(int(r.get("groups_skipped") or 0) for r in steps),
+    )
+    before = summary["val_distance_before"] if val_first else summary["distance_first_step"]
+    after = summary["val_distance_after"] if val else summary["distance_last_step"]
+    summary.update(distance_before=before, distance_after=after)
+    print(f"[train-steerlm2] distance KL(w||b) {before} -> {after}; model: {out / 'model'}")
+    metrics = {
+        "distance_before": before,
+        "distance_after": after,
+        "groups_skipped": summary["groups_skipped"],
+    }
+    return summary, {
+        "counts": counts,
+        "metrics": metrics,
+        "outputs": ["model", "metrics.jsonl", "rejects.jsonl"],
+    }
+
+
 def run(cfg: SteerLM2TrainConfig) -> StageResult:
     out = Path(cfg.out)
-    attributes = tuple(cfg.label_attributes) if cfg.label_attributes else model_label_attributes(cfg.model.name)
+    attributes = label_attributes(cfg)
     n = cfg.samples_per_prompt or group_size(data_files(cfg.data)[0][0], attributes)
     init_ray()
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -186,33 +252,26 @@ def run(cfg: SteerLM2TrainConfig) -> StageResult:
     print(f"[train-steerlm2] groups of {n}: {counts}; rejects with reasons: {out / 'rejects.jsonl'}")
 
     def split(name: str) -> Any:
-        return dataset.filter(expr=f"status == 'ok' and split == '{name}'").select_columns(COLUMNS).materialize()
+        return (
+            dataset.filter(expr=f"status == 'ok' and split == '{name}'").select_columns(COLUMNS).materialize()
+        )
 
     datasets = {"train": split("train"), **({"val": split("val")} if counts.get("val_ok") else {})}
-    summary = fit(Fit(
-        name="train-steerlm2", task=f"{__name__}:SteerLM2Task", config=cfg, out=out, datasets=datasets,
-        train_rows=counts["train_ok"], tokenizer=cfg.model.name, data_files=sum(data_files(cfg.data), []),
-        options={"label_attributes": list(attributes) if attributes is not None else None},
-        fingerprint={"n": n, "label_attributes": list(attributes) if attributes is not None else None}))
+    summary = fit(
+        Fit(
+            name="train-steerlm2",
+            task=f"{__name__}:SteerLM2Task",
+            config=cfg,
+            out=out,
+            datasets=datasets,
+            train_rows=counts["train_ok"],
+            tokenizer=cfg.model.name,
+            data_files=sum(data_files(cfg.data), []),
+            options={"label_attributes": list(attributes) if attributes is not None else None},
+            fingerprint={"n": n, "label_attributes": list(attributes) if attributes is not None else None},
+        )
+    )
     return StageResult(*distance_summary(summary, out, n, counts))
-
-
-def distance_summary(summary: dict[str, Any], out: Path, n: int, counts: dict[str, Any]
-                     ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The distance before and after training (held-out groups if any, else the first and last step)."""
-    steps = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("split") == "train" and "distance" in r]
-    val_first, val = summary.pop("val_first") or {}, summary.pop("val") or {}
-    summary.update(n=n, rows=counts, train_loss=summary.pop("last_loss"),
-                   distance_first_step=steps[0]["distance"] if steps else None,
-                   distance_last_step=steps[-1]["distance"] if steps else None,
-                   val_distance_before=val_first.get("distance"), val_distance_after=val.get("distance"),
-                   groups_skipped=sum(int(r.get("groups_skipped") or 0) for r in steps))
-    before = summary["val_distance_before"] if val_first else summary["distance_first_step"]
-    after = summary["val_distance_after"] if val else summary["distance_last_step"]
-    summary.update(distance_before=before, distance_after=after)
-    print(f"[train-steerlm2] distance KL(w||b) {before} -> {after}; model: {out / 'model'}")
-    metrics = {"distance_before": before, "distance_after": after, "groups_skipped": summary["groups_skipped"]}
-    return summary, {"counts": counts, "metrics": metrics, "outputs": ["model", "metrics.jsonl", "rejects.jsonl"]}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
