@@ -48,3 +48,70 @@ def test_every_readme_command_parses(command: str):
         sub.make_context(name, rest)
     except click.exceptions.UsageError as err:  # pragma: no cover - the assertion message is the point
         pytest.fail(f"README command does not parse: {command}\n{err}")
+
+
+def _option_value(args: list[str], names: tuple[str, ...]) -> str | None:
+    for i, arg in enumerate(args):
+        if arg in names and i + 1 < len(args):
+            return args[i + 1]
+        for name in names:
+            if arg.startswith(name + "="):
+                return arg.split("=", 1)[1]
+    return None
+
+
+CONFIG_COMMANDS = [c for c in _steerray_commands() if _option_value(shlex.split(c), ("--config", "-c"))]
+
+
+@pytest.mark.parametrize("command", CONFIG_COMMANDS)
+def test_every_readme_config_resolves_and_loads(command: str, monkeypatch):
+    """`--config NAME` names a shipped preset (or file) for that command's stage, and the whole command's
+    config (preset, flags, overrides; for the pipeline every stage's) validates. Nothing runs: the stage,
+    the job submission and the pipeline's file and model checks are replaced."""
+    from typer.testing import CliRunner
+
+    import steerray.cli as cli
+    from steerray.config import resolve_preset
+    from steerray.stages import get_stage
+    from steerray.stages import pipeline as pipeline_stage
+    from steerray.stages.planning import resolve_stages
+
+    args = shlex.split(command)[1:]
+    stage = get_stage(args[0])
+    assert resolve_preset(_option_value(args, ("--config", "-c")), stage.name).is_file()
+
+    monkeypatch.setenv("STEERRAY_API_TOKEN", "readme-test")  # restored afterwards (`--token` sets it)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(cli, "execute", lambda *a, **k: {})
+    monkeypatch.setattr(cli, "submit_job", lambda *a, **k: "job")
+    monkeypatch.setattr(cli, "launch_resolved_pipeline", lambda *a, **k: None)
+    monkeypatch.setattr(pipeline_stage, "check", lambda cfg: resolve_stages(cfg))
+    monkeypatch.setattr(pipeline_stage, "dry_run", lambda cfg: {})
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, f"README command does not load: {command}\n{result.output}"
+
+
+def _readme_paths() -> list[str]:
+    """Repository paths the README names in backticks: `bench/x.py`, `scripts/...`, `cluster/.../`, globs."""
+    prefixes = ("bench/", "scripts/", "cluster/", "jobs/", "steerray/", "tests/", ".ci/")
+    paths = set()
+    for quoted in re.findall(r"`([^`\s]+)`", README.read_text()):
+        if not quoted.startswith(prefixes) or any(c in quoted for c in "<>{}$"):
+            continue
+        last = quoted.rstrip("/").rsplit("/", 1)[-1]
+        if quoted.endswith("/") or "." in last or last == "Dockerfile":
+            paths.add(quoted)
+    return sorted(paths)
+
+
+def test_readme_names_repository_paths():
+    assert len(_readme_paths()) >= 10  # the extraction itself works
+
+
+@pytest.mark.parametrize("path", _readme_paths())
+def test_every_readme_path_exists(path: str):
+    root = README.parent
+    found = sorted(root.glob(path.rstrip("/"))) if "*" in path else [root / path]
+    assert found and all(p.exists() for p in found), f"README names {path}, which does not exist"
+    if path.endswith("/"):
+        assert all(p.is_dir() for p in found), f"README names {path} as a folder"
