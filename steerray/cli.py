@@ -300,7 +300,8 @@ def pipeline(
         None, help="STAGE.key=value (e.g. sft.train.max_steps=20, bootstrap.enabled=true) or a pipeline key "
                    "(runs_dir=/mnt/shared/runs)."),
 ) -> None:
-    """Run prepare, train-reward, annotate, train-sft, bootstrap (optional) and evaluate, skipping finished stages."""
+    """Run prepare, train-reward, evaluate-reward, annotate, train-sft, bootstrap, steerlm2 rounds and evaluate
+    (each on or off in the config), skipping finished stages."""
     overrides = list(overrides or [])
     address = address or os.environ.get("RAY_ADDRESS")
     command = shlex.join(["steerray", "pipeline", "--config", config, *(["--run", run] if run else []),

@@ -141,6 +141,21 @@ def resolve_model(name: str) -> str:
     return name
 
 
+def weights_format(trust_remote_code: bool) -> dict[str, Any]:
+    """``from_pretrained`` arguments: weights load from safetensors only, since unpickling a
+    ``pytorch_model.bin`` can run code. Whoever sets ``trust_remote_code`` already runs the model's code, so
+    its pickles are allowed then too."""
+    return {} if trust_remote_code else {"use_safetensors": True}
+
+
+def _load_hint(name: str, err: Exception) -> ModelNotFound:
+    if "safetensors" in str(err) and Path(name).expanduser().is_dir():
+        return ModelNotFound(f"model folder {name} has no safetensors weights; steerray does not unpickle "
+                             "pytorch_model.bin (it can run code). Convert it (save_pretrained(..., "
+                             "safe_serialization=True)) or, if you trust it, set trust_remote_code=true.")
+    return _hub_hint(name, err)
+
+
 def _hub_hint(name: str, err: Exception) -> ModelNotFound:
     return ModelNotFound(f"cannot load model {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
                          "If the hub is unreachable, download it elsewhere and pass the local folder.")
@@ -176,6 +191,7 @@ def load_causal_lm(name: str, dtype: Any = None, trust_remote_code: bool = False
         return AutoPeftModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32)
     try:
         return AutoModelForCausalLM.from_pretrained(source, dtype=dtype or torch.float32,
-                                                    trust_remote_code=trust_remote_code)
+                                                    trust_remote_code=trust_remote_code,
+                                                    **weights_format(trust_remote_code))
     except OSError as err:
-        raise _hub_hint(name, err) from None
+        raise _load_hint(name, err) from None

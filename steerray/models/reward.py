@@ -18,7 +18,7 @@ from typing import Any
 
 from steerray.attributes import ATTRIBUTES, check_attribute
 from steerray.errors import SteerrayError
-from steerray.models.loading import expected_new_head, load_tokenizer, resolve_model
+from steerray.models.loading import expected_new_head, load_tokenizer, resolve_model, weights_format
 
 
 class RewardModelError(SteerrayError, ValueError):
@@ -60,14 +60,15 @@ def build_reward_model(backbone: str, attributes: Sequence[str] = ATTRIBUTES, *,
         return _empty_reward_model(backbone, attributes, dtype, trust_remote_code, init_from)
     if init_from is not None:
         model = AutoModelForSequenceClassification.from_pretrained(
-            str(init_from), dtype=dtype, trust_remote_code=trust_remote_code)
+            str(init_from), dtype=dtype, trust_remote_code=trust_remote_code, **weights_format(trust_remote_code))
         found = reward_attributes(model.config)
         if found != list(attributes):
             raise RewardModelError(f"init_from {init_from} predicts {found}, but this run asks for {list(attributes)}")
         return model
     with expected_new_head():
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(backbone), dtype=dtype, trust_remote_code=trust_remote_code, **attribute_config(attributes))
+            resolve_model(backbone), dtype=dtype, trust_remote_code=trust_remote_code, **attribute_config(attributes),
+            **weights_format(trust_remote_code))
     if model.config.pad_token_id is None:
         tokenizer = load_tokenizer(backbone, trust_remote_code=trust_remote_code)
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -122,7 +123,8 @@ def load_reward_model(folder: str | Path, *, dtype: Any = None, device: str | No
         raise RewardModelError(f"{folder} is not a reward-model folder (no config.json); "
                                "pass the `model` folder that train-reward wrote")
     model = AutoModelForSequenceClassification.from_pretrained(
-        str(folder), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code)
+        str(folder), dtype=dtype or torch.float32, trust_remote_code=trust_remote_code,
+        **weights_format(trust_remote_code))
     attributes = reward_attributes(model.config)
     tokenizer = load_tokenizer(str(folder), trust_remote_code=trust_remote_code)
     if device:

@@ -131,3 +131,19 @@ def test_tampered_optimizer_item_in_dcp_data_is_refused_not_executed(checkpoint,
     with pytest.raises(CheckpointRefused, match=r"item optim\.param_groups\.0\.lr\) holds objects a safe"):
         manager.load(folder)
     assert not marker.exists()
+
+
+def test_a_model_folder_with_pickled_weights_only_is_refused_unless_its_code_is_trusted(tmp_path):
+    """Weights load from safetensors: a pytorch_model.bin is never unpickled by default."""
+    from transformers import AutoModelForCausalLM
+
+    from steerray.models.loading import TINY_ALIAS, ModelNotFound, load_causal_lm, resolve_model
+
+    folder = tmp_path / "pickled"
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(TINY_ALIAS))
+    model.config.save_pretrained(folder)  # transformers only writes safetensors now: pickle by hand
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    assert (folder / "pytorch_model.bin").is_file() and not list(folder.glob("*.safetensors"))
+    with pytest.raises(ModelNotFound, match="no safetensors weights"):
+        load_causal_lm(str(folder))
+    assert load_causal_lm(str(folder), trust_remote_code=True).config.num_hidden_layers == 2
