@@ -8,9 +8,10 @@ node address to 127.0.0.1 as well. Token authentication is switched off only for
 Ray; a cluster keeps whatever its operator set.
 
 The embedded Ray goes with its driver however the driver ends: a small reaper process (its own session, so
-signals to the driver's group do not reach it) waits for the driver's end of a pipe to close, then stops
-every process marked with the driver's ``STEERRAY_RAY_OWNER`` value (inherited through the environment,
-so it finds Ray's agents and workers after they were re-parented). After :func:`init_ray` a SIGTERM is a
+signals to the driver's group do not reach it) lists the driver's descendants while it waits for the
+driver's end of a pipe to close, then stops those and every process marked with the driver's
+``STEERRAY_RAY_OWNER`` value (inherited through the environment), so it finds Ray's agents and workers
+after they were re-parented, even those whose process title overwrote their environment. After :func:`init_ray` a SIGTERM is a
 Ctrl-C for the driver (the stage unwinds, Ray shuts down at exit), and :func:`serve_until_stopped` takes a
 Serve app down within seconds even when the same signal also reached Ray's own processes.
 
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import secrets
+import select
 import signal
 import subprocess
 import sys
@@ -123,8 +125,13 @@ def _start_embedded(num_cpus: int | None, object_store_mb: int | None, logging_c
 # Every process of an embedded Ray inherits this variable from the driver. After a kill -9 of the driver,
 # Ray's dashboard and runtime-env agents otherwise wait a minute or more for the dead GCS before they exit
 # (measured: tests/faults/test_process_cleanup.py); the reaper finds them by it, whoever their parent is now.
+# But a process that sets its title (Ray's agents and workers: `ray::DashboardAgent`) may overwrite the memory
+# /proc/PID/environ reads (setproctitle reuses the environment's space; seen in about half the runs), so the
+# reaper also keeps a list of the driver's descendants while the driver lives, and stops those too.
 OWNER_ENV = "STEERRAY_RAY_OWNER"
 REAPER_GRACE_S = 2.0  # SIGTERM first; SIGKILL what is still there after this long
+REAPER_POLL_S = (0.25, 2.0)  # the descendants are listed this often: at first (Ray starting), then
+REAPER_FAST_S = 60.0  # ... for this long after the driver's start
 _reaper: subprocess.Popen[bytes] | None = None
 
 
@@ -137,22 +144,59 @@ def start_reaper() -> str | None:
     if _reaper is not None and _reaper.poll() is None:
         return os.environ[OWNER_ENV]
     token = f"{os.getpid()}-{secrets.token_hex(8)}"
-    code = "import sys; from steerray.runtime import reap_when_orphaned; reap_when_orphaned(sys.argv[1])"
+    code = "import sys; from steerray.runtime import reap_when_orphaned; reap_when_orphaned(sys.argv[1], int(sys.argv[2]))"
     # stdin is the pipe: the driver holds its write end (not inherited by the driver's other children), so
     # it closes when the driver ends, by exit, exception or SIGKILL.
-    _reaper = subprocess.Popen([sys.executable, "-c", code, token], stdin=subprocess.PIPE,
+    _reaper = subprocess.Popen([sys.executable, "-c", code, token, str(os.getpid())], stdin=subprocess.PIPE,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                env={k: v for k, v in os.environ.items() if k != OWNER_ENV})
     os.environ[OWNER_ENV] = token
     return token
 
 
-def reap_when_orphaned(token: str, grace_s: float = REAPER_GRACE_S) -> None:
-    """The reaper's body: wait until the driver is gone (EOF on stdin), then stop its marked processes."""
+def reap_when_orphaned(token: str, driver: int | None = None, grace_s: float = REAPER_GRACE_S) -> None:
+    """The reaper's body: list the driver's descendants until the driver is gone (EOF on stdin), then stop
+    them and every process marked with ``token``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    while sys.stdin.buffer.read(4096):
-        pass
-    stop_marked(token, grace_s)
+    driver, started, known = driver or os.getppid(), time.monotonic(), dict[int, int]()
+    stdin = sys.stdin.fileno()
+    while True:
+        known = descendants_of({driver}, known)
+        wait = REAPER_POLL_S[0] if time.monotonic() - started < REAPER_FAST_S else REAPER_POLL_S[1]
+        if select.select([stdin], [], [], wait)[0] and not os.read(stdin, 4096):
+            break
+    stop_marked(token, grace_s, tracked=known)  # the driver's PID is not a root now: it may be re-used
+
+
+def process_table() -> dict[int, tuple[int, int]]:
+    """``pid -> (parent pid, start time in clock ticks)`` of every live process (zombies are dead: left out),
+    from /proc/PID/stat."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()  # after "pid (comm)": comm may hold spaces
+            if fields[0] != b"Z":
+                table[int(name)] = (int(fields[1]), int(fields[19]))
+        except (OSError, IndexError, ValueError):  # gone meanwhile
+            continue
+    return table
+
+
+def descendants_of(roots: set[int], known: dict[int, int] | None = None) -> dict[int, int]:
+    """``known`` (``pid -> start time``) still alive, plus every live descendant of ``roots`` and of those.
+    A start time tells a re-used PID from the process that had it."""
+    table = process_table()
+    found = {pid: start for pid, start in (known or {}).items() if table.get(pid, (0, -1))[1] == start}
+    frontier = set(roots) | set(found)
+    while frontier:
+        children = {pid for pid, (parent, _) in table.items() if parent in frontier and pid not in found}
+        found.update({pid: table[pid][1] for pid in children})
+        frontier = children
+    found.pop(os.getpid(), None)
+    return found
 
 
 def marked_processes(token: str) -> list[int]:
@@ -172,15 +216,21 @@ def marked_processes(token: str) -> list[int]:
     return found
 
 
-def stop_marked(token: str, grace_s: float = REAPER_GRACE_S) -> list[int]:
-    """SIGTERM every process marked with ``token``, SIGKILL those left after ``grace_s``; returns the PIDs."""
-    targets = marked_processes(token)
-    _signal_all(targets, signal.SIGTERM)
+def stop_marked(token: str, grace_s: float = REAPER_GRACE_S, tracked: dict[int, int] | None = None) -> list[int]:
+    """SIGTERM every process marked with ``token`` and every ``tracked`` one (``pid -> start time``) still
+    alive, SIGKILL those left after ``grace_s``; returns the PIDs."""
+
+    def targets() -> list[int]:
+        live = descendants_of(set(), tracked) if tracked else {}
+        return sorted(set(marked_processes(token)) | set(live))
+
+    first = targets()
+    _signal_all(first, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while (left := marked_processes(token)) and time.monotonic() < deadline:
+    while (left := targets()) and time.monotonic() < deadline:
         time.sleep(0.1)
     _signal_all(left, signal.SIGKILL)
-    return sorted(set(targets) | set(left))
+    return sorted(set(first) | set(left))
 
 
 def _signal_all(pids: list[int], sig: int) -> None:

@@ -154,7 +154,7 @@ def scoring_dataset(config: AnnotateConfig, pending: list[Block], parts: Path, t
 
     items = [{"split": b.split, "block": b.index, "file": b.task.file, "start": b.task.start, "end": b.task.end,
               "first_line": b.task.first_line} for b in pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
     if config.via:
         # HTTP clients need no model: plain tasks on Ray's already-warm workers, no actor to start.
         return ds.map_batches(annotate_via_server, batch_size=1, batch_format="numpy", num_cpus=0.25,

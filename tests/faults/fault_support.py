@@ -72,8 +72,14 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
     """A child in its own session (process group = its PID), output to ``log``: killable as a group without
     touching the test runner, and never a target of signals meant for the test's own group."""
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it; closed when the test's process exits
-    return subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-                            start_new_session=True, cwd=REPO)
+    return subprocess.Popen(
+        args,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        cwd=REPO,
+    )
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:

@@ -49,7 +49,9 @@ def test_kill9_of_an_embedded_driver_leaves_no_ray_process(tmp_path):
         deadline = time.monotonic() + 15
         while alive(ray_processes) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not alive(ray_processes), f"alive 15 s after kill -9 of the driver: {describe(alive(ray_processes))}"
+        assert not alive(ray_processes), (
+            f"alive 15 s after kill -9 of the driver: {describe(alive(ray_processes))}"
+        )
     finally:
         _kill_leftovers(driver.pid, ray_processes if "ray_processes" in locals() else [])
 
@@ -57,8 +59,19 @@ def test_kill9_of_an_embedded_driver_leaves_no_ray_process(tmp_path):
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_one_sigterm_stops_serve_and_its_ray_within_seconds(tmp_path, target):
     port, log = free_port(), tmp_path / "serve.log"
-    server = spawn(python("-m", "steerray.cli", "serve", "--model", steerable_model_dir(), "--port", str(port),
-                          "cpus_per_replica=0.5"), log)
+    server = spawn(
+        python(
+            "-m",
+            "steerray.cli",
+            "serve",
+            "--model",
+            steerable_model_dir(),
+            "--port",
+            str(port),
+            "cpus_per_replica=0.5",
+        ),
+        log,
+    )
     ray_processes = []
     try:
         # "serving at" is printed once the replicas are healthy and the server waits for its signal.
@@ -74,9 +87,13 @@ def test_one_sigterm_stops_serve_and_its_ray_within_seconds(tmp_path, target):
         try:
             server.wait(20)
         except Exception:
-            pytest.fail(f"steerray serve still running 20 s after one SIGTERM to its {target}:\n"
-                        f"{log.read_text()[-2000:]}")
-        wait_for(lambda: not alive(ray_processes), 10, f"Ray's processes to go: {describe(alive(ray_processes))}")
+            pytest.fail(
+                f"steerray serve still running 20 s after one SIGTERM to its {target}:\n"
+                f"{log.read_text()[-2000:]}"
+            )
+        wait_for(
+            lambda: not alive(ray_processes), 10, f"Ray's processes to go: {describe(alive(ray_processes))}"
+        )
         took = time.monotonic() - started_at
         assert server.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM), log.read_text()[-2000:]
         assert took < 20, took

@@ -27,18 +27,36 @@ STEPS, EVERY = 24, 4
 
 
 def write_data(path: Path, count: int) -> Path:
-    lines = [json.dumps(make_conversation([("User", f"Tell me about topic {k}.", None),
-                                           ("Assistant", f"Topic {k} is fine. " * (1 + k % 5),
-                                            f"helpfulness:3,verbosity:{k % 5}")])) for k in range(count)]
+    lines = [
+        json.dumps(
+            make_conversation(
+                [
+                    ("User", f"Tell me about topic {k}.", None),
+                    ("Assistant", f"Topic {k} is fine. " * (1 + k % 5), f"helpfulness:3,verbosity:{k % 5}"),
+                ]
+            )
+        )
+        for k in range(count)
+    ]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
 def sft_config(data: Path, out: Path) -> SFTConfig:
-    return load_config(SFTConfig, "tiny/sft", [
-        f"data={data}", f"out={out}", f"train.max_steps={STEPS}", f"train.checkpoint_every={EVERY}",
-        "scaling.strategy=ddp", "scaling.max_failures=1", "sample_prompts=[]"])
+    return load_config(
+        SFTConfig,
+        "tiny/sft",
+        [
+            f"data={data}",
+            f"out={out}",
+            f"train.max_steps={STEPS}",
+            f"train.checkpoint_every={EVERY}",
+            "scaling.strategy=ddp",
+            "scaling.max_failures=1",
+            "sample_prompts=[]",
+        ],
+    )
 
 
 def train_steps_logged(out: Path) -> list[int]:
@@ -69,7 +87,9 @@ def kill_one_worker_after_a_checkpoint(out: Path, killed: dict) -> None:
         wait_for(lambda: registered_checkpoint(out), 120, "a registered checkpoint", every=0.05)
         workers = wait_for(lambda: titled(os.getpid(), "RayTrainWorker"), 10, "the Ray Train workers")
         victim = workers[-1]
-        killed.update(pid=victim.pid, checkpoint=registered_checkpoint(out), at_step=max(train_steps_logged(out)))
+        killed.update(
+            pid=victim.pid, checkpoint=registered_checkpoint(out), at_step=max(train_steps_logged(out))
+        )
         os.kill(victim.pid, signal.SIGKILL)
     except Exception as err:  # reported by the test, not lost in the thread
         killed["error"] = repr(err)
@@ -97,7 +117,12 @@ def test_worker_killed_mid_run_resumes_and_ends_with_the_uninterrupted_weights(r
     assert "error" not in killed and killed.get("pid"), killed
     assert killed["at_step"] < STEPS, "the kill came after training had finished"
     # Restarted from the checkpoint registered when the worker died (or one registered just after it).
-    assert killed["checkpoint"] <= summary["resumed_from"] <= killed["at_step"], (summary["resumed_from"], killed)
+    assert killed["checkpoint"] <= summary["resumed_from"] <= killed["at_step"], (
+        summary["resumed_from"],
+        killed,
+    )
+    assert summary["steps"] == reference["steps"] == STEPS  # the same step count as the uninterrupted run
+    assert summary["resumed_from"] >= EVERY  # from a checkpoint, not from the start
     assert train_steps_logged(out) == list(range(1, STEPS + 1))  # every step logged once across the restart
     got, want = weights(tmp_path / "killed" / "model"), weights(tmp_path / "reference" / "model")
     assert got.keys() == want.keys()

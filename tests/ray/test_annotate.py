@@ -1,12 +1,10 @@
-"""`annotate` on the session's Ray: labels equal the in-process model's, rejects counted, kill + re-run exact."""
+"""`annotate` on the session's Ray: labels equal the in-process model's, rejects counted, a re-run does nothing.
+
+Killed runs and their resumes: tests/faults/test_annotate_kill.py."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ from steerray.stages import annotate as annotate_stage
 from steerray.templates import make_conversation
 
 pytestmark = pytest.mark.ray
-REPO = Path(__file__).resolve().parents[2]
 BLOCK_SIZE = 5
 
 
@@ -99,53 +96,3 @@ def test_annotate_equals_in_process_scores_and_counts_rejects(full_run, inputs, 
     assert again == manifest["summary"] and again["rows"] == 29
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in full_run.iterdir() if p.name != ".lock"} == before
 
-
-KILLER = textwrap.dedent("""
-    import os, signal, sys
-    from pathlib import Path
-    sys.path.insert(0, sys.argv[2])
-    from steerray.stages import annotate as job
-    write_part, calls = job.write_part, []
-
-    def write_part_then_die(path, result):
-        calls.append(path)
-        if len(calls) == 3:  # killed while writing the third part: only its temp file exists
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            (Path(path).parent / f".{Path(path).name}.x.tmp").write_text("half a part")
-            os.kill(os.getpid(), signal.SIGKILL)
-        write_part(path, result)
-
-    job.write_part = write_part_then_die
-    job.main(["--config", sys.argv[1]])
-""")
-
-
-def test_killed_run_resumes_to_exactly_the_uninterrupted_output(full_run, inputs, tiny_reward_dir, tmp_path):
-    out = tmp_path / "resumed"
-    config = tmp_path / "resumed.yaml"
-    config.write_text(yaml.safe_dump({"model": tiny_reward_dir, "input": str(inputs[0]), "out": str(out),
-                                      "block_size": BLOCK_SIZE, "batch_size": 8}))
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    # The killed run is a second driver on the session's Ray: SIGKILL takes its actors with it.
-    env = {**os.environ, "RAY_ADDRESS": ray_gcs_address()}
-    killed = subprocess.run([sys.executable, str(script), str(config), str(REPO)], env=env, timeout=150,
-                            capture_output=True, text=True)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    parts = sorted(p.name for p in (out / ".parts").rglob("*") if p.is_file() and p.name != "meta.json")
-    assert len([p for p in parts if p.endswith(".part.jsonl")]) == 2 and any(p.endswith(".tmp") for p in parts)
-    assert read_manifest(out) is None and not (out / "train.jsonl").exists()
-
-    summary = annotate_stage.main(["--config", str(config)])
-    assert summary["rows"] == 29 and summary["rejects"] == 2
-    for name in ("train.jsonl", "val.jsonl", "rejects.jsonl"):
-        assert (out / name).read_bytes() == (full_run / name).read_bytes(), name
-    manifest = read_manifest(out, "annotate")
-    assert manifest["run"]["blocks_done_before"] == 2
-    assert not (out / ".parts").exists()
-
-
-def ray_gcs_address() -> str:
-    import ray
-
-    return ray.get_runtime_context().gcs_address
