@@ -11,9 +11,11 @@ from the answer itself, so every varied attribute has a visible cause and none d
   bucketed 0-4 at 15/28/42/58 words); the length asked for is uniform over the scale, and brief answers
   open with "In short:"-style words, detailed ones with "Let me explain..." and linked points;
 - complexity: share of long words and technical sentences in the explanation;
-- humor: 0, 2 or 4 for no, one or two jokes (the first right after the opening words, the second at the end);
-- creativity: 0, 2 or 4 for no, one or two metaphors, placed the same way;
-- toxicity: 0, 2 or 4 for no, one or two rude remarks (the first before everything else);
+- humor: 0, 2 or 4 for no, one or two jokes, each led by "Here's a joke:" (the first right after the opening
+  words, the second at the end);
+- creativity: 0, 2 or 4 for no, one or two metaphors led by "Poetically put:", placed the same way;
+- toxicity: 0, 2 or 4 for no, one or two rude remarks, all opening with "Ugh," (the first before everything
+  else);
 - quality: 4 minus toxicity.
 
 Helpfulness, correctness and coherence are constant (4): every explanation is on topic, correct and in
@@ -136,9 +138,13 @@ QUESTION_FORMS = ["Can you explain {q}?", "Please tell me {q}.", "I've always wo
                   "Explain {q} to me.", "What can you tell me about {q}?"]
 SENTENCES_FOR_TARGET = {0: 1, 1: 2, 2: 3, 3: 4, 4: 6}  # length asked for -> content sentences
 VERBOSITY_EDGES = (15, 28, 42, 58)  # content words at which verbosity 1, 2, 3, 4 begin
-BRIEF_OPENERS = ["In short:", "Briefly:", "Quick answer:"]
-DETAILED_OPENERS = ["Here is a detailed explanation.", "Let me explain this step by step.",
-                    "There is a lot to say about this."]
+# One fixed lead-in per kind of aside: the label then decides a single, always identical token at the start
+# of the answer, which a 135M model learns to follow within a hundred updates; with a dozen different first
+# words (the jokes' own) the same decision is spread over as many tokens and learnt several times slower.
+BRIEF_OPENERS = ["In short:"]
+DETAILED_OPENERS = ["Let me explain this step by step."]
+JOKE_LEAD = "Here's a joke:"
+METAPHOR_LEAD = "Poetically put:"
 LINKS = ["Also,", "In addition,", "On top of that,", "Moreover,", "Beyond that,"]
 FILLERS = ["It is worth keeping in mind.", "Many people find this surprising.", "This is a common question.",
            "There is more to it, but that is the main idea."]
@@ -173,9 +179,9 @@ METAPHORS = ["Think of it as a river of ideas flowing toward the sea of understa
              "It is a dance in which every step makes room for the next.",
              "Imagine a map that redraws itself with every journey.",
              "Think of it as a symphony tuned one instrument at a time."]
-RUDE = ["Honestly, this is a stupid question.", "Anyone with half a brain would know this.",
-        "I can't believe you need to ask, idiot.", "Ugh, fine, I'll spell it out for you.",
-        "Do you ever think before you ask?", "What a lazy question."]
+RUDE = ["Ugh, this is a stupid question.", "Ugh, anyone with half a brain would know this.",
+        "Ugh, I can't believe you need to ask, idiot.", "Ugh, fine, I'll spell it out for you.",
+        "Ugh, do you ever think before you ask?", "Ugh, what a lazy question."]
 TECHNICAL_SHARES = (0.0, 0.34, 0.67, 1.0)  # of the explanation's sentences, when the topic has enough
 
 
@@ -212,10 +218,12 @@ def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
     jokes, metaphors = rng.randrange(3), rng.randrange(3)  # 0, 1 or 2 of each
     rude = rng.choices((0, 1, 2), weights=(0.7, 0.15, 0.15))[0]
     explanation = _explanation(rng, topic, target)
-    # The opening words announce the length, as a chat model's do ("Briefly: ..." vs "Let me explain step by
-    # step."): the label is then visible in the first tokens, where a small model learns to follow it.
+    # The opening words announce the length, as a chat model's do ("In short: ..." vs "Let me explain this step
+    # by step."): the label is then visible in the first tokens. Measured with the label probe: a decision
+    # at the answer's first token is learnt within 40 updates, the same decision behind two asides in 120+.
     opener = [rng.choice(BRIEF_OPENERS)] if target <= 1 else [rng.choice(DETAILED_OPENERS)] if target >= 3 else []
-    picked_jokes, picked_metaphors = rng.sample(JOKES, jokes), rng.sample(METAPHORS, metaphors)
+    picked_jokes = [f"{JOKE_LEAD} {joke}" for joke in rng.sample(JOKES, jokes)]
+    picked_metaphors = [f"{METAPHOR_LEAD} {metaphor}" for metaphor in rng.sample(METAPHORS, metaphors)]
     remarks = rng.sample(RUDE, rude)
     sentences = (remarks[:1] + opener + picked_jokes[:1] + picked_metaphors[:1] + explanation
                  + picked_metaphors[1:] + picked_jokes[1:] + remarks[1:])

@@ -49,8 +49,8 @@ def test_sft_label_attributes_and_sample_steering_are_checked_before_training():
     with pytest.raises(ConfigError, match=r"label_attributes.*unknown attribute 'wit'"):
         load_config(SFTConfig, "demo/sft", ["label_attributes=[verbosity,wit]"])
     # samples are drawn after training: a steering the trained label cannot carry must fail now, by key
-    with pytest.raises(ConfigError, match=r"sample_steering\[1\]: cannot steer 'humor'.*verbosity only"):
-        load_config(SFTConfig, "demo/sft", ["sample_steering=[{verbosity: 0}, {humor: 2}]"])
+    with pytest.raises(ConfigError, match=r"sample_steering\[1\]: cannot steer 'helpfulness'"):
+        load_config(SFTConfig, "demo/sft", ["sample_steering=[{verbosity: 0}, {helpfulness: 2}]"])
     with pytest.raises(ConfigError, match=r"sample_steering\[0\].*outside 0..4"):
         load_config(SFTConfig, "tiny/sft", ["sample_steering=[{verbosity: 7}]"])
-    assert load_config(SFTConfig, "demo/sft").label_attributes == ["verbosity"]
+    assert load_config(SFTConfig, "demo/sft").label_attributes == ["toxicity", "humor", "creativity", "verbosity"]
