@@ -49,6 +49,7 @@ from steerray.stages.planning import (
     stage_manifest,
     summary_table,
 )
+from steerray.training.metrics import box_matmul_speed
 
 
 class PipelineFailed(SteerrayError, RuntimeError):
@@ -97,19 +98,23 @@ def final_model(cfg: PipelineConfig) -> Path:
     return run_dir(cfg) / last / "model"
 
 
-def summarize(cfg: PipelineConfig, outcomes: list[StageOutcome], started: float) -> dict[str, Any]:
+def summarize(cfg: PipelineConfig, outcomes: list[StageOutcome], started: float,
+              box_at_start: dict[str, float]) -> dict[str, Any]:
     root = run_dir(cfg)
+    box = {"at_start": box_at_start, "at_end": box_matmul_speed()}
     report = root / "evaluate" / "report.html"
     summary = {
         "run": str(root), "seconds": round(time.time() - started, 1),
-        "stages": [o.__dict__ for o in outcomes],
+        "stages": [o.__dict__ for o in outcomes], "box": box,
         "report": str(report) if report.exists() else None,
         "model": str(final_model(cfg)),
         "serve": f"steerray serve --model {final_model(cfg)}",
     }
     atomic_write_json(root / SUMMARY_FILE, summary)
     lines = [summary_table(outcomes), "",
-             f"run folder: {root}   total: {summary['seconds']:.0f} s"]
+             f"run folder: {root}   total: {summary['seconds']:.0f} s",
+             "box:        matmul GFLOP/s fp32 / bf16 at start {} / {}, at end {} / {}".format(
+                 *box["at_start"].values(), *box["at_end"].values())]
     if summary["report"]:
         lines.append(f"report:     {report}  (also report.md, eval.json)")
     lines.append(f"serve it:   {summary['serve']}")
@@ -187,7 +192,7 @@ def run_one(item: PlannedStage, decision: Any, cfg: PipelineConfig, state: dict[
 
 
 def run_locked(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
-    started = time.time()
+    started, box_at_start = time.time(), box_matmul_speed()
     planned = resolve_stages(cfg)  # every config validated before anything runs
     state = load_state(root)
     decisions = plan(planned, state, cfg.rerun)
@@ -209,23 +214,23 @@ def run_locked(cfg: PipelineConfig, root: Path) -> dict[str, Any]:
             seconds = run_one(item, decision, cfg, state, planned)
         except BaseException as err:  # noqa: B036 - Ctrl-C too: say how to resume, then stop
             stop(cfg, item, err, outcomes + [StageOutcome(p.name, "not reached") for p in planned[index + 1:]],
-                 started)
+                 started, box_at_start)
         ran.add(item.name)
         manifest, _ = stage_manifest(item.folder)
         outcomes.append(StageOutcome(item.name, "ran" if decision.action == "run" else "resumed", decision.reason,
                                      round(seconds, 1), key_metrics(item.name, manifest)))
         say(f"{item.name}: finished in {seconds:.0f} s")
-    return summarize(cfg, outcomes, started)
+    return summarize(cfg, outcomes, started, box_at_start)
 
 
 def stop(cfg: PipelineConfig, item: PlannedStage, err: BaseException, outcomes: list[StageOutcome],
-         started: float) -> None:
+         started: float, box_at_start: dict[str, float]) -> None:
     """The summary so far, then the error with the command that resumes (Ctrl-C re-raised as it came)."""
     status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
     reason = str(err).splitlines()[0] if str(err) else type(err).__name__
     not_reached = [o for o in outcomes if o.action == "not reached"]
     done = [o for o in outcomes if o.action != "not reached"]
-    summarize(cfg, done + [StageOutcome(item.name, status, reason)] + not_reached, started)
+    summarize(cfg, done + [StageOutcome(item.name, status, reason)] + not_reached, started, box_at_start)
     if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ray turns Ctrl-C in ray.get into SystemExit
         say(f"interrupted in {item.name}: it has no manifest, so a re-run resumes it; "
             f"resume with: {resume_command(cfg)}")

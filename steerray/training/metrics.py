@@ -106,6 +106,16 @@ def measure_matmul_peak(device: Any = None, dtype: Any = None, size: int = 2048,
     return 2 * size**3 * reps / elapsed
 
 
+def box_matmul_speed(seconds: float = 1.0) -> dict[str, float]:
+    """This process's dense matmul GFLOP/s in fp32 and bf16 (CUDA where there is one): printed beside a run's
+    timings, because a shared box's speed moves with its load and a time alone says little."""
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return {f"matmul_gflops_{name}": round(measure_matmul_peak(device, dtype, seconds=seconds) / 1e9, 1)
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+
+
 def _sync(device: Any) -> None:
     if device.type == "cuda":
         import torch

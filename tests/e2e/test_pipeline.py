@@ -39,6 +39,8 @@ def _command(runs: Path, *extra: str) -> list[str]:
 
 def _summary(runs: Path, run: str = "tiny") -> dict[str, str]:
     summary = json.loads((runs / run / "summary.json").read_text())
+    # the box's matmul speed, at the start and the end, stands beside the run's times
+    assert all(summary["box"][when][f"matmul_gflops_{p}"] > 0 for when in ("at_start", "at_end") for p in ("fp32", "bf16"))
     return {stage["name"]: stage["action"] for stage in summary["stages"]}
 
 
