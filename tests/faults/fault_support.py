@@ -92,3 +92,9 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 def python(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+def spawn_chat_server(model: str, port: int, log: Path, *extra: str) -> subprocess.Popen:
+    """``steerray serve`` of ``model`` on ``port`` in its own session, half a CPU per replica."""
+    return spawn(python("-m", "steerray.cli", "serve", "--model", model, "--port", str(port), *extra,
+                        "cpus_per_replica=0.5"), log)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fault_support import alive, descendants, describe, python, spawn, titled, wait_for
+from fault_support import alive, descendants, describe, python, spawn, spawn_chat_server, titled, wait_for
 from serve_support import free_port, steerable_model_dir
 
 pytestmark = pytest.mark.faults
@@ -59,19 +59,7 @@ def test_kill9_of_an_embedded_driver_leaves_no_ray_process(tmp_path):
 @pytest.mark.parametrize("target", ["process", "group"])
 def test_one_sigterm_stops_serve_and_its_ray_within_seconds(tmp_path, target):
     port, log = free_port(), tmp_path / "serve.log"
-    server = spawn(
-        python(
-            "-m",
-            "steerray.cli",
-            "serve",
-            "--model",
-            steerable_model_dir(),
-            "--port",
-            str(port),
-            "cpus_per_replica=0.5",
-        ),
-        log,
-    )
+    server = spawn_chat_server(steerable_model_dir(), port, log)
     ray_processes = []
     try:
         # "serving at" is printed once the replicas are healthy and the server waits for its signal.

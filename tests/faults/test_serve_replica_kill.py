@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
-from fault_support import describe, kill_group, python, spawn, titled, wait_for
+from fault_support import describe, kill_group, spawn_chat_server, titled, wait_for
 from serve_support import QUESTION, free_port, steerable_model_dir
 
 pytestmark = pytest.mark.faults
@@ -56,21 +56,7 @@ def client_loop(url: str, stop: threading.Event, outcomes: list[Outcome]) -> Non
 
 def test_killed_replica_fails_at_most_its_in_flight_requests_and_is_replaced(tmp_path):
     port, log = free_port(), tmp_path / "serve.log"
-    server = spawn(
-        python(
-            "-m",
-            "steerray.cli",
-            "serve",
-            "--model",
-            steerable_model_dir(),
-            "--port",
-            str(port),
-            "--replicas",
-            "2",
-            "cpus_per_replica=0.5",
-        ),
-        log,
-    )
+    server = spawn_chat_server(steerable_model_dir(), port, log, "--replicas", "2")
     try:
         wait_for(
             lambda: "serving at" in log.read_text(errors="replace") or server.poll() is not None,
