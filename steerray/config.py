@@ -120,6 +120,9 @@ class ScalingConfig(StrictModel):
     num_workers: int | Literal["auto"] = "auto"  # auto: one per GPU, else 2 on CPU
     use_gpu: bool | Literal["auto"] = "auto"  # auto: GPUs in the cluster
     cpus_per_worker: float = Field(0.5, gt=0)  # leave CPUs for Ray Data on small machines
+    # PACK: workers on as few nodes as fit (Ray's default); SPREAD: on distinct nodes where there are
+    # several (host memory or CPU per node), all on one if only one is left after a node is lost.
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
     strategy: Literal["auto", "fsdp", "ddp", "deepspeed"] = "auto"  # auto: FSDP2, DDP where it cannot run
     deepspeed_stage: Literal[1, 2, 3] = 2
     # auto: bf16 (fp32 master weights) where the device computes bf16 natively: CUDA, CPUs with AVX512-BF16

@@ -56,13 +56,15 @@ class RayScalingPlan:
     use_gpu: bool
     resources_per_worker: dict[str, float]
     backend: str  # "nccl" on GPU, "gloo" on CPU
+    placement_strategy: str = "PACK"  # of the workers' placement group
 
     @property
     def scaling_config(self) -> Any:
         import ray.train
 
         return ray.train.ScalingConfig(num_workers=self.num_workers, use_gpu=self.use_gpu,
-                                       resources_per_worker=self.resources_per_worker)
+                                       resources_per_worker=self.resources_per_worker,
+                                       placement_strategy=self.placement_strategy)
 
     @property
     def torch_config(self) -> Any:
@@ -88,7 +90,8 @@ def plan_ray_scaling(cfg: ScalingConfig, gpus_in_cluster: int | None = None) -> 
     if use_gpu and num_workers > gpus_in_cluster:
         raise ConfigError(f"scaling.num_workers={num_workers} but the cluster has {gpus_in_cluster} GPU(s)")
     # CPUs per worker stay fractional on CPU boxes so Ray Data keeps a core to feed the workers.
-    return RayScalingPlan(num_workers, use_gpu, {"CPU": cfg.cpus_per_worker}, "nccl" if use_gpu else "gloo")
+    return RayScalingPlan(num_workers, use_gpu, {"CPU": cfg.cpus_per_worker}, "nccl" if use_gpu else "gloo",
+                          cfg.placement_strategy)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -98,3 +99,43 @@ def spawn_chat_server(model: str, port: int, log: Path, *extra: str) -> subproce
     """``steerray serve`` of ``model`` on ``port`` in its own session, half a CPU per replica."""
     return spawn(python("-m", "steerray.cli", "serve", "--model", model, "--port", str(port), *extra,
                         "cpus_per_replica=0.5"), log)
+
+
+# Training runs: data, and what a run has logged and registered so far
+
+def write_data(path: Path, count: int) -> Path:
+    """``count`` two-turn SteerLM conversations of varied length as jsonl (SFT data)."""
+    from steerray.templates import make_conversation
+
+    lines = [
+        json.dumps(
+            make_conversation(
+                [
+                    ("User", f"Tell me about topic {k}.", None),
+                    ("Assistant", f"Topic {k} is fine. " * (1 + k % 5), f"helpfulness:3,verbosity:{k % 5}"),
+                ]
+            )
+        )
+        for k in range(count)
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def train_steps_logged(out: Path) -> list[int]:
+    """The train steps rank 0 has written to metrics.jsonl, in order."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if r.get("split") == "train"]
+
+
+def registered_checkpoint(out: Path) -> int:
+    """The step of the latest checkpoint Ray Train's controller has registered for the run (0: none yet)."""
+    try:
+        snapshot = json.loads((out / "checkpoints" / "sft" / "checkpoint_manager_snapshot.json").read_text())
+        return int((snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("step", 0))
+    except (OSError, ValueError):  # not written yet, or caught mid-write
+        return 0

@@ -16,31 +16,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from fault_support import titled, wait_for
+from fault_support import registered_checkpoint, titled, train_steps_logged, wait_for, write_data
 
 from steerray.config import SFTConfig, load_config
 from steerray.stages import execute
-from steerray.templates import make_conversation
 
 pytestmark = [pytest.mark.faults, pytest.mark.ray]
 STEPS, EVERY = 24, 4
-
-
-def write_data(path: Path, count: int) -> Path:
-    lines = [
-        json.dumps(
-            make_conversation(
-                [
-                    ("User", f"Tell me about topic {k}.", None),
-                    ("Assistant", f"Topic {k} is fine. " * (1 + k % 5), f"helpfulness:3,verbosity:{k % 5}"),
-                ]
-            )
-        )
-        for k in range(count)
-    ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 def sft_config(data: Path, out: Path) -> SFTConfig:
@@ -59,26 +41,9 @@ def sft_config(data: Path, out: Path) -> SFTConfig:
     )
 
 
-def train_steps_logged(out: Path) -> list[int]:
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r["step"] for r in rows if r.get("split") == "train"]
-
-
 def train_losses(out: Path) -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return [r["loss"] for r in rows if r.get("split") == "train"]
-
-
-def registered_checkpoint(out: Path) -> int:
-    """The step of the latest checkpoint Ray Train's controller has registered for the run (0: none yet)."""
-    try:
-        snapshot = json.loads((out / "checkpoints" / "sft" / "checkpoint_manager_snapshot.json").read_text())
-        return int((snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("step", 0))
-    except (OSError, ValueError):  # not written yet, or caught mid-write
-        return 0
 
 
 def kill_one_worker_after_a_checkpoint(out: Path, killed: dict) -> None:

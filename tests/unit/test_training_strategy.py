@@ -67,6 +67,14 @@ def test_plan_ray_scaling_follows_the_cluster():
         plan_ray_scaling(ScalingConfig(use_gpu=True), gpus_in_cluster=0)
 
 
+def test_placement_strategy_reaches_ray_trains_scaling_config():
+    assert plan_ray_scaling(ScalingConfig(), gpus_in_cluster=0).scaling_config.placement_strategy == "PACK"
+    spread = plan_ray_scaling(ScalingConfig(placement_strategy="SPREAD"), gpus_in_cluster=0)
+    assert spread.scaling_config.placement_strategy == "SPREAD"
+    with pytest.raises(ValueError, match="placement_strategy"):
+        ScalingConfig(placement_strategy="STRICT_SPREAD")  # would leave a restart no node after a node is lost
+
+
 def test_training_flops_follow_what_trains(tiny_model_dir):
     from steerray.models.reward import build_reward_model, reward_readout
 
