@@ -8,14 +8,15 @@ Each answer is assembled from sentence banks by independent hidden knobs; the la
 from the answer itself, so every varied attribute has a visible cause and none drags another along:
 
 - verbosity: the length of the explanation (its content words, not counting jokes, metaphors or remarks,
-  bucketed 0-4 at 15/28/42/58 words); the length asked for is uniform over the scale, and brief answers
-  open with "In short:"-style words, detailed ones with "Let me explain..." and linked points;
+  bucketed 0-4 at 15/28/42/58 words); the length asked for is uniform over the scale, and the opening words
+  announce the measured verbosity: "In short:" at 0-1, "Let me explain this step by step." (and linked
+  points) at 3-4, none at 2;
 - complexity: share of long words and technical sentences in the explanation;
-- humor: 0, 2 or 4 for no, one or two jokes, each led by "Here's a joke:" (the first right after the opening
-  words, the second at the end);
-- creativity: 0, 2 or 4 for no, one or two metaphors led by "Poetically put:", placed the same way;
-- toxicity: 0, 2 or 4 for no, one or two rude remarks, all opening with "Ugh," (the first before everything
-  else);
+- humor: 0, 2 or 4 for no, one or two jokes, each led by "Here's a joke:";
+- creativity: 0, 2 or 4 for no, one or two metaphors, each led by "Poetically put:";
+- toxicity: 0, 2 or 4 for no, one or two rude remarks, all opening with "Ugh,";
+- every aside comes before the explanation, in a fixed order (remarks, opening words, jokes, metaphors), so
+  each label decision is taken in the answer's first sentences, right after the label;
 - quality: 4 minus toxicity.
 
 Helpfulness, correctness and coherence are constant (4): every explanation is on topic, correct and in
@@ -218,16 +219,19 @@ def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
     jokes, metaphors = rng.randrange(3), rng.randrange(3)  # 0, 1 or 2 of each
     rude = rng.choices((0, 1, 2), weights=(0.7, 0.15, 0.15))[0]
     explanation = _explanation(rng, topic, target)
+    labels = _labels(" ".join(explanation), set(TOPICS[topic][2]), 2 * jokes, 2 * metaphors, 2 * rude)
     # The opening words announce the length, as a chat model's do ("In short: ..." vs "Let me explain this step
-    # by step."): the label is then visible in the first tokens. Measured with the label probe: a decision
-    # at the answer's first token is learnt within 40 updates, the same decision behind two asides in 120+.
-    opener = [rng.choice(BRIEF_OPENERS)] if target <= 1 else [rng.choice(DETAILED_OPENERS)] if target >= 3 else []
+    # by step."), and follow the measured verbosity, not the length asked for: the label then decides them
+    # exactly (opening on the length asked for, a third of verbosity-2 answers said "In short:").
+    verbosity = labels["verbosity"]
+    opener = [rng.choice(BRIEF_OPENERS)] if verbosity <= 1 else [rng.choice(DETAILED_OPENERS)] if verbosity >= 3 else []
     picked_jokes = [f"{JOKE_LEAD} {joke}" for joke in rng.sample(JOKES, jokes)]
     picked_metaphors = [f"{METAPHOR_LEAD} {metaphor}" for metaphor in rng.sample(METAPHORS, metaphors)]
     remarks = rng.sample(RUDE, rude)
-    sentences = (remarks[:1] + opener + picked_jokes[:1] + picked_metaphors[:1] + explanation
-                 + picked_metaphors[1:] + picked_jokes[1:] + remarks[1:])
-    labels = _labels(" ".join(explanation), set(TOPICS[topic][2]), 2 * jokes, 2 * metaphors, 2 * rude)
+    # Every label decision comes first, before any content, in one fixed order. Measured with the label probe
+    # (plain loop, 80 updates of 4): with the second joke, metaphor and remark after the explanation, the gains
+    # were 0.02-0.07 nats for all four attributes; with everything in front, toxicity 4.4, humor 1.0.
+    sentences = remarks + opener + picked_jokes + picked_metaphors + explanation
     return " ".join(sentences), labels
 
 

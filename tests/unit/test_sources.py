@@ -146,10 +146,10 @@ def test_demo_attributes_vary_independently_and_every_steered_value_occurs_at_th
     user asks for drags another attribute along."""
     import numpy as np
 
-    from steerray.data.demo import BRIEF_OPENERS, DETAILED_OPENERS, JOKES, METAPHORS
+    from steerray.data.demo import BRIEF_OPENERS, DETAILED_OPENERS, JOKES, METAPHORS, RUDE
 
     varied = ["verbosity", "complexity", "humor", "creativity", "toxicity"]
-    rows, openers = [], {"brief": [], "detailed": []}
+    rows, openers = [], {"brief": [], "detailed": [], None: []}
     for i in range(1500):
         turn = demo_conversation(i)["conversations"][1]
         labels = {k: int(v) for k, v in parse_label(turn["label"]).items()}
@@ -159,11 +159,14 @@ def test_demo_attributes_vary_independently_and_every_steered_value_occurs_at_th
         assert labels["humor"] == 2 * sum(j in turn["value"] for j in JOKES)
         assert labels["creativity"] == 2 * sum(m in turn["value"] for m in METAPHORS)
         rows.append([labels[a] for a in varied])
-        text = turn["value"].split(". ", 1)[-1] if labels["toxicity"] else turn["value"]
+        text = turn["value"]
+        remarks = [r for r in RUDE if text.startswith(r) or f" {r} " in text[:120]]
+        assert len(remarks) * 2 == labels["toxicity"] and all(text.find(r) < len(text) / 2 for r in remarks)
+        for remark in remarks:  # every aside comes before the explanation, remarks first
+            text = text.replace(remark, "", 1).lstrip()
         kind = "brief" if text.startswith(tuple(BRIEF_OPENERS)) else \
             "detailed" if text.startswith(tuple(DETAILED_OPENERS)) else None
-        if kind:
-            openers[kind].append(labels["verbosity"])
+        openers[kind].append(labels["verbosity"])
     values = np.array(rows)
     correlation = np.corrcoef(values.T)
     assert np.abs(correlation[np.triu_indices(len(varied), 1)]).max() < 0.2, correlation
@@ -173,8 +176,8 @@ def test_demo_attributes_vary_independently_and_every_steered_value_occurs_at_th
         # each level of each attribute occurs with toxicity 0 (quality 4): the serving defaults
         at_defaults = values[values[:, varied.index("toxicity")] == 0]
         assert min((at_defaults[:, column] == v).sum() for v in (0, 2, 4)) >= 40 or name == "toxicity"
-    # the opening words announce the length: brief answers are short, detailed ones long
-    assert max(openers["brief"]) <= 2 and min(openers["detailed"]) >= 2
+    # the opening words announce the measured length exactly: brief at 0-1, none at 2, detailed at 3-4
+    assert set(openers["brief"]) == {0, 1} and set(openers[None]) == {2} and set(openers["detailed"]) == {3, 4}
 
 
 def test_source_specs():
