@@ -410,8 +410,11 @@ def test_request_timeout_ends_slow_answers_with_503(urls):
         assert slow.status_code == 503 and slow.json()["error"]["code"] == "request_timeout"
         assert slow.headers["retry-after"] == "1" and time.monotonic() - started < 10
         stream = http.post("/v1/chat/completions", json={**slow_body, "stream": True}).text
-        lines = [line for line in stream.splitlines() if line.startswith("data: ")]
-        assert json.loads(lines[-1][6:])["error"]["code"] == "request_timeout" and len(lines) > 10
+        events = [json.loads(line[6:]) for line in stream.splitlines() if line.startswith("data: ")]
+        # The answer streams until the deadline, then the stream ends with the error event (how many chunks
+        # fit in 1.5 s depends on the box's load: on a busy 2-core box, only the first).
+        assert events[-1]["error"]["code"] == "request_timeout"
+        assert len(events) >= 2 and all("error" not in e and e["choices"] for e in events[:-1])
         assert http.get("/health").json()["counters"]["timed_out"] - before == 2
 
 
