@@ -9,8 +9,8 @@ from the answer itself, so every varied attribute has a visible cause and none d
 
 - verbosity: the length of the explanation (its content words, not counting jokes, metaphors or remarks,
   bucketed 0-4 at 15/28/42/58 words); the length asked for is uniform over the scale, and the opening words
-  announce the measured verbosity: "In short:" at 0-1, "Let me explain this step by step." (and linked
-  points) at 3-4, none at 2;
+  announce the measured verbosity: "In short:" at 0-1, "Let me explain this step by step." at 3-4, none at
+  2; a long answer asked for chains its points ("Also,", "Moreover,");
 - complexity: share of long words and technical sentences in the explanation;
 - humor: 0, 2 or 4 for no, one or two jokes, each led by "Here's a joke:";
 - creativity: 0, 2 or 4 for no, one or two metaphors, each led by "Poetically put:";

@@ -56,7 +56,7 @@ class RayScalingPlan:
     use_gpu: bool
     resources_per_worker: dict[str, float]
     backend: str  # "nccl" on GPU, "gloo" on CPU
-    placement_strategy: str = "PACK"  # of the workers' placement group
+    placement_strategy: str  # of the workers' placement group: scaling.placement_strategy
 
     @property
     def scaling_config(self) -> Any:
