@@ -135,6 +135,20 @@ class StepMeter:
 
         return Callback()
 
+    def metered(self, trainer_class: Any) -> Any:
+        """``trainer_class`` with its training micro-batches counted here (evaluation batches are not)."""
+        meter = self
+
+        class MeteredTrainer(trainer_class):
+            def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                             num_items_in_batch: Any = None) -> Any:
+                if model.training:
+                    meter.add(inputs)
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+
+        return MeteredTrainer
+
 
 # --------------------------------------------------------------------------------------------------
 # Data and configs
@@ -336,20 +350,12 @@ def run_trl_sft(cfg: Any, rows: Rows, order: list[Any], precision: str, out: Pat
     run = Run("TRL", precision)
     meter = StepMeter(run, lambda inputs: (inputs["labels"][:, 1:] != -100).sum())  # the model shifts labels
 
-    class MeteredSFTTrainer(SFTTrainer):
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            if model.training:
-                meter.add(inputs)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
     started = time.perf_counter()
     path = resolve_model(cfg.model.name)
     set_seed(cfg.train.seed)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # fp32 master weights, as steerray
     dataset = Dataset.from_list([rows.peer[i] for step in order for i in step])
-    trainer = MeteredSFTTrainer(
+    trainer = meter.metered(SFTTrainer)(
         model=model,
         args=SFTConfig(**peer_arguments(cfg, precision, out), max_length=cfg.model.max_length,
                        completion_only_loss=True, packing=False, padding_free=False),
@@ -379,14 +385,6 @@ def run_hf_reward(cfg: Any, rows: Rows, order: list[Any], precision: str, out: P
     run = Run("HF", precision)
     meter = StepMeter(run, lambda inputs: inputs["attention_mask"].sum())
 
-    class MeteredTrainer(Trainer):
-        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
-                         num_items_in_batch: Any = None) -> Any:
-            if model.training:
-                meter.add(inputs)
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-
     started = time.perf_counter()
     path = resolve_model(cfg.model.name)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -409,9 +407,9 @@ def run_hf_reward(cfg: Any, rows: Rows, order: list[Any], precision: str, out: P
         model = get_peft_model(model, peft_lora(cfg, "SEQ_CLS", model, ("score",)))
     run.trainable = trainable_params(model)
     dataset = Dataset.from_list([rows.peer[i] for step in order for i in step])
-    trainer = MeteredTrainer(model=model, args=TrainingArguments(**peer_arguments(cfg, precision, out)),
-                             train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
-                             callbacks=[meter.callback()])
+    trainer = meter.metered(Trainer)(model=model, args=TrainingArguments(**peer_arguments(cfg, precision, out)),
+                                     train_dataset=dataset, data_collator=DataCollatorWithPadding(tokenizer),
+                                     callbacks=[meter.callback()])
     train_quietly(trainer)
     trainer.save_model(str(out / "model"))
     run.wall_s = time.perf_counter() - started + rows.seconds
