@@ -79,7 +79,7 @@ def plain_sentences(answer: str) -> list[str]:
     text = _MARKDOWN.sub("", answer)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line if line[-1] in ".!?:" else line + "." for line in lines]
-    sentences = []
+    sentences: list[str] = []
     for sentence in _SENTENCE_END.split(" ".join(lines)):
         sentence = " ".join(sentence.split())
         if sentence[-1:] in ".!?" and 4 <= len(sentence.split()) <= 40 and not _repeats(sentence, sentences):
