@@ -2,14 +2,9 @@
 
 It is the embedded default for the README's pipeline on a machine without the hub, and a controlled
 data set on which a reward model and a steered SFT model can learn something measurable in minutes on
-a CPU. It is not a stand-in for real data: the asides are templated and the topics few.
+a CPU. It is not a stand-in for real data: the language is templated and the topics few.
 
-Half the conversations ask about one of sixteen topics, explained from banks of simple and technical facts;
-the other half ask one of ~70 everyday questions, explained by the first sentences of SmolLM2-135M-Instruct's
-own answer to it (``demo_answers.json``, made once by scripts/make_demo_answers.py), so the policy learns how
-to decorate and cut an answer in words it already has, and stays on topic on questions it never saw.
-
-Each answer is assembled by independent hidden knobs; the labels are then computed
+Each answer is assembled from sentence banks by independent hidden knobs; the labels are then computed
 from the answer itself, so every varied attribute has a visible cause and none drags another along:
 
 - verbosity: the length of the explanation (its content words, not counting jokes, metaphors or remarks,
@@ -24,18 +19,15 @@ from the answer itself, so every varied attribute has a visible cause and none d
   each label decision is taken in the answer's first sentences, right after the label;
 - quality: 4 minus toxicity.
 
-Helpfulness, correctness and coherence are constant (4): every explanation is on topic and in order (the
-base model's answers are taken as they are, its small errors included). Steering them would need a data set that varies them; this one keeps the demo's budget for the six
-above. Conversations are single-turn, or, on the sixteen topics, two-turn with a follow-up question on the
-same topic (about a third). Generation is deterministic per (seed, index), so any worker can make any row.
+Helpfulness, correctness and coherence are constant (4): every explanation is on topic, correct and in
+order. Steering them would need a data set that varies them; this one keeps the demo's budget for the six
+above. Conversations are single-turn, or two-turn with a follow-up question on the same topic (about a
+third). Generation is deterministic per (seed, index), so any worker can make any row.
 """
 
 from __future__ import annotations
 
-import json
 import random
-from functools import cache
-from importlib import resources
 from typing import Any
 
 from steerray.attributes import encode_label
@@ -145,9 +137,6 @@ FOLLOW_UPS = ["Can you explain that in more detail?", "Can you give me an exampl
               "Could you make it simpler?", "What should I remember most?"]
 QUESTION_FORMS = ["Can you explain {q}?", "Please tell me {q}.", "I've always wondered {q}. Any idea?",
                   "Explain {q} to me.", "What can you tell me about {q}?"]
-# Half the conversations ask everyday questions answered in the base model's own words (demo_answers.json):
-# trained on the sixteen templated topics alone, the demo policy answered unseen questions with their sentences.
-GENERAL_SHARE = 0.5
 SENTENCES_FOR_TARGET = {0: 1, 1: 2, 2: 3, 3: 4, 4: 6}  # length asked for -> content sentences
 VERBOSITY_EDGES = (15, 28, 42, 58)  # content words at which verbosity 1, 2, 3, 4 begin
 # One fixed lead-in per kind of aside: the label then decides a single, always identical token at the start
@@ -201,20 +190,6 @@ def _bucket(value: float, edges: tuple[float, ...]) -> int:
     return sum(value >= edge for edge in edges)
 
 
-@cache
-def general_answers() -> dict[str, list[str]]:
-    """Everyday questions outside the sixteen topics -> the base model's own answer, as whole sentences
-    (demo_answers.json, written once by scripts/make_demo_answers.py)."""
-    document = json.loads(resources.files("steerray.data").joinpath("demo_answers.json").read_text("utf-8"))
-    return {item["question"]: list(item["sentences"]) for item in document["answers"]}
-
-
-def _general_explanation(question: str, target: int) -> list[str]:
-    """The first sentences of the base model's answer, as many as the length asked for (all it has at most):
-    the content is what the model already says, so training on it teaches the cut, not new facts."""
-    return general_answers()[question][:SENTENCES_FOR_TARGET[target]]
-
-
 def _explanation(rng: random.Random, topic: str, target: int) -> list[str]:
     """The content sentences: facts of the topic (a share of them technical), then fillers; long answers
     chain their points."""
@@ -238,16 +213,13 @@ def _explanation(rng: random.Random, topic: str, target: int) -> list[str]:
     return sentences
 
 
-def _answer(rng: random.Random, topic: str | None, question: str) -> tuple[str, dict[str, int]]:
-    """One answer and its labels. Each knob is drawn on its own, so the attributes vary independently.
-
-    ``topic`` None: an everyday question, explained in the base model's own sentences."""
+def _answer(rng: random.Random, topic: str) -> tuple[str, dict[str, int]]:
+    """One answer and its labels. Each knob is drawn on its own, so the attributes vary independently."""
     target = rng.randrange(5)  # the length asked for, uniform over the verbosity scale
     jokes, metaphors = rng.randrange(3), rng.randrange(3)  # 0, 1 or 2 of each
     rude = rng.choices((0, 1, 2), weights=(0.7, 0.15, 0.15))[0]
-    explanation = _general_explanation(question, target) if topic is None else _explanation(rng, topic, target)
-    technical = set() if topic is None else set(TOPICS[topic][2])
-    labels = _labels(" ".join(explanation), technical, 2 * jokes, 2 * metaphors, 2 * rude)
+    explanation = _explanation(rng, topic, target)
+    labels = _labels(" ".join(explanation), set(TOPICS[topic][2]), 2 * jokes, 2 * metaphors, 2 * rude)
     # The opening words announce the length, as a chat model's do ("In short: ..." vs "Let me explain this step
     # by step."), and follow the measured verbosity, not the length asked for: the label then decides them
     # exactly (opening on the length asked for, a third of verbosity-2 answers said "In short:").
@@ -284,18 +256,14 @@ def _labels(explanation: str, technical: set[str], humor: int, creativity: int, 
 def demo_conversation(index: int, seed: int = 10) -> dict[str, Any]:
     """The ``index``-th demo conversation (deterministic for a given seed)."""
     rng = random.Random(f"steerray-demo:{seed}:{index}")
-    topic: str | None
-    if rng.random() < GENERAL_SHARE:
-        topic, question = None, rng.choice(sorted(general_answers()))
-    else:
-        topic = rng.choice(sorted(TOPICS))
-        question = rng.choice(QUESTION_FORMS).format(q=TOPICS[topic][0])
-    answer, labels = _answer(rng, topic, question)
+    topic = rng.choice(sorted(TOPICS))
+    question = rng.choice(QUESTION_FORMS).format(q=TOPICS[topic][0])
+    answer, labels = _answer(rng, topic)
     turns: list[tuple[str, str, str | None]] = [("User", question, None), ("Assistant", answer, encode_label(labels))]
-    if topic is not None and rng.random() < 0.33:  # a follow-up needs the topic's further facts
-        follow_answer, follow_labels = _answer(rng, topic, question)
+    if rng.random() < 0.33:
+        follow_answer, follow_labels = _answer(rng, topic)
         turns += [("User", rng.choice(FOLLOW_UPS), None), ("Assistant", follow_answer, encode_label(follow_labels))]
     conversation = make_conversation(turns, SYSTEM_PROMPT)
     conversation["id"] = f"demo-{index}"
-    conversation["topic"] = topic or "everyday"
+    conversation["topic"] = topic
     return conversation
