@@ -318,14 +318,16 @@ def _bootstrap_blocks(boot: Mapping[str, Any], plots: Mapping[str, Path]) -> lis
     blocks = [Block("h2", "Bootstrapping"), Block("p", (
         f"Samples per prompt: {boot.get('samples_per_prompt', '-')}, selection: {boot.get('selection', '-')}, "
         f"score: {boot.get('score', '-')}."))]
-    rows = [[str(r["round"]), fmt(r.get("prompts")), fmt(r.get("samples")), fmt(r.get("mean_score")),
-             fmt(r.get("mean_best")), fmt(r.get("kept")), fmt(r.get("mean_kept"))] for r in boot.get("rounds", [])]
+    # "cut": samples stopped by the token cap; they are kept only for prompts without a complete one.
+    rows = [[str(r["round"]), fmt(r.get("prompts")), fmt(r.get("samples")), fmt(r.get("cut_at_cap")),
+             fmt(r.get("mean_score")), fmt(r.get("mean_best")), fmt(r.get("kept")), fmt(r.get("kept_cut_at_cap")),
+             fmt(r.get("mean_kept"))] for r in boot.get("rounds", [])]
     final = boot.get("final")
     if final:
-        rows.append(["final model", fmt(final.get("prompts")), fmt(final.get("samples")),
-                     fmt(final.get("mean_score")), fmt(final.get("mean_best")), "-", "-"])
-    blocks.append(Block("table", headers=["round", "prompts", "samples", "mean score", "mean best of K",
-                                          "kept", "mean kept"], rows=rows))
+        rows.append(["final model", fmt(final.get("prompts")), fmt(final.get("samples")), fmt(final.get("cut_at_cap")),
+                     fmt(final.get("mean_score")), fmt(final.get("mean_best")), "-", "-", "-"])
+    blocks.append(Block("table", headers=["round", "prompts", "samples", "cut at the cap", "mean score",
+                                          "mean best of K", "kept", "kept cut", "mean kept"], rows=rows))
     if "bootstrap" in plots:
         blocks.append(Block("img", "bootstrap"))
     return blocks

@@ -113,3 +113,19 @@ def test_round_stats_and_movement():
     move = score_movement(only0, stats)
     assert move["mean_best"] == pytest.approx(0.5)
     assert move["per_attribute"]["verbosity"] == pytest.approx(0.0)
+
+
+def test_a_sample_cut_at_the_cap_is_kept_only_where_its_prompt_has_no_complete_one():
+    """Fine-tuned as a whole answer, a cut sample teaches the policy to end its turn mid-sentence."""
+    samples = _samples()
+    samples[1]["finish_reason"] = samples[2]["finish_reason"] = "length"  # prompt 0's two best (3.0) were cut
+    samples[3]["finish_reason"] = samples[4]["finish_reason"] = "length"  # prompt 1: every sample cut
+    weights = {"quality": 1.0}
+    for selection in ("top1", "threshold", "weight"):
+        kept = select_samples(samples, weights, selection, threshold=0.0)
+        by_prompt = {int(s["prompt_id"]): [int(x["sample"]) for x, _, _ in kept if x["prompt_id"] == s["prompt_id"]]
+                     for s, _, _ in kept}
+        assert by_prompt[0] == [0], selection  # the complete 1.0 wins over the cut 3.0s
+        assert by_prompt[1], selection  # no complete sample: the cut ones still compete
+    stats = round_stats(samples, weights, select_samples(samples, weights, "top1"))
+    assert stats["cut_at_cap"] == 4 and stats["kept"] == 2 and stats["kept_cut_at_cap"] == 1
