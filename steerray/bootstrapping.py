@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from steerray.attributes import predictions_to_label
-from steerray.eval.sampling import weighted_score
+from steerray.eval.sampling import stopped_at_cap, weighted_score
 from steerray.templates import ASSISTANT_ROLE, SYSTEM_PROMPT, USER_ROLE
 
 
@@ -73,11 +73,6 @@ def _group(samples: Iterable[Mapping[str, Any]], weights: Mapping[str, float]) -
     return groups
 
 
-def is_cut(sample: Mapping[str, Any]) -> bool:
-    """Whether generation stopped at the token cap rather than at the end of the answer."""
-    return sample.get("finish_reason") == "length"
-
-
 def select_samples(samples: Iterable[Mapping[str, Any]], weights: Mapping[str, float], selection: str, *,
                    threshold: float = 3.0, weight_temperature: float = 1.0) -> list[tuple[Mapping[str, Any], int, float]]:
     """``(sample, copies, score)`` for every kept sample, by prompt then sample index.
@@ -89,7 +84,7 @@ def select_samples(samples: Iterable[Mapping[str, Any]], weights: Mapping[str, f
     """
     kept: list[tuple[Mapping[str, Any], int, float]] = []
     for _, group in sorted(_group(samples, weights).items()):
-        complete = [item for item in group if not is_cut(item[1])]
+        complete = [item for item in group if not stopped_at_cap(item[1])]
         group = complete or group
         scores = np.array([score for score, _ in group])
         if selection == "top1":
@@ -163,13 +158,13 @@ def round_stats(samples: Sequence[Mapping[str, Any]], weights: Mapping[str, floa
         "mean_score": _mean(all_scores),
         "mean_best": _mean([max(score for score, _ in group) for group in groups.values()]),
         "mean_tokens": _mean([float(s.get("completion_tokens", 0)) for s in samples if s.get("scores")]),
-        "cut_at_cap": sum(1 for s in samples if s.get("scores") and is_cut(s)),
+        "cut_at_cap": sum(1 for s in samples if s.get("scores") and stopped_at_cap(s)),
         "per_attribute": {name: _mean(values) for name, values in per_attribute.items()},
     }
     if kept is not None:
         copies = [c for _, c, _ in kept]
         stats["kept"] = int(sum(copies))
-        stats["kept_cut_at_cap"] = int(sum(c for sample, c, _ in kept if is_cut(sample)))
+        stats["kept_cut_at_cap"] = int(sum(c for sample, c, _ in kept if stopped_at_cap(sample)))
         stats["mean_kept"] = (float(sum(score * c for _, c, score in kept) / sum(copies)) if copies else None)
     return stats
 

@@ -37,6 +37,11 @@ from steerray.templates import (
 SKIPPED = "prompt_too_long"
 
 
+def stopped_at_cap(row: Mapping[str, Any]) -> bool:
+    """Whether a sampled row's generation stopped at ``max_new_tokens`` rather than at the end of its answer."""
+    return row.get("finish_reason") == "length"
+
+
 def reward_text(messages: Sequence[Mapping[str, str]], answer: str) -> str:
     """The reward-model prompt for ``answer`` as the next assistant turn (annotation's prompt builder)."""
     turns: list[tuple[str, str, str | None]] = []

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from steerray.attributes import DEFAULT_STEERING, check_attribute, steering_label
+from steerray.eval.sampling import stopped_at_cap
 from steerray.templates import USER_ROLE
 
 
@@ -173,7 +174,7 @@ def summarize_grid(rows: Sequence[Mapping[str, Any]], measured_attributes: Seque
                                      "n": len(group)}
         # Answers that ran into the generation cap: a long answer cut short reads as a shorter one.
         attributes[attribute]["at_cap_by_value"] = dict(sorted(Counter(
-            str(r["value"]) for r in group if r.get("finish_reason") == "length").items()))
+            str(r["value"]) for r in group if stopped_at_cap(r)).items()))
         cross[attribute] = {m: spearman(values, [float(r["scores"][m]) for r in group])
                             for m in measured_attributes}
     summary: dict[str, Any] = {"per_attribute": attributes, "cross": cross}
@@ -186,7 +187,7 @@ def summarize_grid(rows: Sequence[Mapping[str, Any]], measured_attributes: Seque
     rhos = [a["spearman"] for a in attributes.values() if a.get("spearman") is not None]
     summary["mean_spearman"] = float(np.mean(rhos)) if rhos else None
     summary["rows"] = len(rows)
-    summary["at_cap"] = sum(1 for r in rows if r.get("finish_reason") == "length")
+    summary["at_cap"] = sum(1 for r in rows if stopped_at_cap(r))
     return summary
 
 

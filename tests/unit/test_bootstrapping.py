@@ -122,9 +122,9 @@ def test_a_sample_cut_at_the_cap_is_kept_only_where_its_prompt_has_no_complete_o
     samples[3]["finish_reason"] = samples[4]["finish_reason"] = "length"  # prompt 1: every sample cut
     weights = {"quality": 1.0}
     for selection in ("top1", "threshold", "weight"):
-        kept = select_samples(samples, weights, selection, threshold=0.0)
-        by_prompt = {int(s["prompt_id"]): [int(x["sample"]) for x, _, _ in kept if x["prompt_id"] == s["prompt_id"]]
-                     for s, _, _ in kept}
+        by_prompt: dict[int, list[int]] = {}
+        for sample, _, _ in select_samples(samples, weights, selection, threshold=0.0):
+            by_prompt.setdefault(int(sample["prompt_id"]), []).append(int(sample["sample"]))
         assert by_prompt[0] == [0], selection  # the complete 1.0 wins over the cut 3.0s
         assert by_prompt[1], selection  # no complete sample: the cut ones still compete
     stats = round_stats(samples, weights, select_samples(samples, weights, "top1"))
