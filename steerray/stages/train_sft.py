@@ -69,9 +69,7 @@ class SFTTask(TrainTask):
         return int((batch["labels"] != IGNORE_INDEX).sum())  # token-mean over the trained tokens
 
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        with prepared.strategy.autocast():
-            logits = prepared.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return token_cross_entropy_sum(logits, batch["labels"], shift=False)[0]  # labels shifted by the collate
+        return answer_loss_sum(prepared, batch, trained_only=projects_chosen_positions(prepared.base_hf_model()))
 
     def evaluate(self, prepared: Any, rows: Any, pad_id: int) -> dict[str, Any]:
         def score(batch: dict[str, Any]) -> tuple[float, int]:
@@ -94,6 +92,34 @@ class SFTTask(TrainTask):
     def after_export(self, out: Path, tokenizer: Any, strategy: Any) -> dict[str, Any]:
         count = write_samples(out, self.config, tokenizer, strategy.device, strategy.compute_dtype)
         return {"samples": str(out / "samples.md") if count else None, "sample_count": count}
+
+
+def projects_chosen_positions(model: Any) -> bool:
+    """Whether the causal LM takes a boolean ``logits_to_keep`` mask (transformers >= 5): then only the trained
+    positions are projected onto the vocabulary."""
+    import inspect
+
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep") and \
+        "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def answer_loss_sum(prepared: Any, batch: dict[str, Any], *, trained_only: bool) -> Any:
+    """Summed next-token cross entropy over the answer tokens (labels come shifted by the collate).
+
+    ``trained_only`` projects just the trained positions onto the vocabulary: the same loss and gradients,
+    without the lm_head matmul and the [tokens x vocabulary] logits (49,152 wide for SmolLM2) of every prompt
+    and padding position, which the loss would ignore anyway.
+    """
+    labels = batch["labels"]
+    kwargs = {"logits_to_keep": labels != IGNORE_INDEX} if trained_only else {}
+    with prepared.strategy.autocast():
+        logits = prepared.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                 **kwargs).logits
+    if trained_only:
+        labels = labels[labels != IGNORE_INDEX]  # logits come flattened to [trained tokens, vocabulary]
+    return token_cross_entropy_sum(logits, labels, shift=False)[0]
 
 
 # 2. Samples: what the model learned, at each steering setting, for fixed prompts (rank 0, exported model).
