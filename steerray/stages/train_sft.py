@@ -17,6 +17,7 @@ rejects.jsonl, checkpoints/ (re-running the same command resumes from the last o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections import Counter
 from pathlib import Path
@@ -97,12 +98,17 @@ class SFTTask(TrainTask):
 def projects_chosen_positions(model: Any) -> bool:
     """Whether the causal LM takes a boolean ``logits_to_keep`` mask (transformers >= 5): then only the trained
     positions are projected onto the vocabulary."""
+    return _takes_position_mask(type(model))
+
+
+@functools.cache
+def _takes_position_mask(model_class: type) -> bool:
     import inspect
 
     from transformers import modeling_utils
 
     return hasattr(modeling_utils, "slice_logits_to_keep") and \
-        "logits_to_keep" in inspect.signature(model.forward).parameters
+        "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def answer_loss_sum(prepared: Any, batch: dict[str, Any], *, trained_only: bool) -> Any:
