@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import logging
 from collections import Counter
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, cast
 
@@ -98,11 +99,11 @@ class SFTTask(TrainTask):
 def projects_chosen_positions(model: Any) -> bool:
     """Whether the causal LM takes a boolean ``logits_to_keep`` mask (transformers >= 5): then only the trained
     positions are projected onto the vocabulary."""
-    return _takes_position_mask(type(model))
+    return _takes_position_mask(cast(Hashable, type(model)))
 
 
 @functools.cache
-def _takes_position_mask(model_class: type) -> bool:
+def _takes_position_mask(model_class: Any) -> bool:
     import inspect
 
     from transformers import modeling_utils
