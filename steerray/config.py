@@ -110,6 +110,9 @@ class TrainLoopConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=1)
     max_eval_rows: int | None = Field(None, ge=1)
     length_grouping: bool = True  # batch similar lengths together so padding wastes little compute
+    # train-reward with lora.last_layers: each worker keeps every row's hidden states below the trained layers
+    # (computed once, not every epoch) up to this many MB; 0 turns it off. ~0.4 MB a 180-token row of SmolLM2.
+    frozen_prefix_cache_mb: float = Field(2048, ge=0)
     seed: int = 1234
     # Debug/test knob: raise in every worker right after the checkpoint of this step (first attempt only),
     # to exercise FailureConfig and resume. Leave unset.

@@ -152,20 +152,26 @@ def encode_reward_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -
     return RewardBatch(input_ids, attention_mask, truncated, int(attention_mask.sum()))
 
 
-def reward_forward(model: Any, input_ids: Any, attention_mask: Any) -> Any:
+def reward_forward(model: Any, input_ids: Any, attention_mask: Any, hidden: Any = None, from_layer: int = 0) -> Any:
     """Attribute predictions ``[B, A]`` read at each row's last real token.
 
     Gathers by ``attention_mask`` rather than trusting the pad id (a text may contain the pad token).
     Works on a plain HF model and on a peft-wrapped one (LoRA layers and the trainable head copy are
-    injected in place, so the base model's modules already carry them).
+    injected in place, so the base model's modules already carry them). ``hidden`` (the states entering
+    decoder layer ``from_layer``, e.g. from training's frozen-prefix cache) skips the layers below it.
     """
     import torch
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    from steerray.models.layer_slices import backbone_of, forward_from_layer
+
+    backbone = backbone_of(model)
+    if hidden is not None:
+        hidden = forward_from_layer(backbone, from_layer, hidden, attention_mask)
+    else:
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     last = attention_mask.sum(dim=1) - 1
     pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.score(pooled)
 
 
@@ -182,8 +188,8 @@ def reward_readout(model: Any) -> Any:
             super().__init__()
             self.model = inner
 
-        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
-            return reward_forward(self.model, input_ids, attention_mask)
+        def forward(self, input_ids: Any, attention_mask: Any, hidden: Any = None, from_layer: int = 0) -> Any:
+            return reward_forward(self.model, input_ids, attention_mask, hidden, from_layer)
 
     return RewardReadout(model)
 

@@ -4,8 +4,9 @@
    inside the same run): the loss falls, every step is logged once, the export reloads and predicts what
    the trained model predicted;
 2. the same command again (longer): it resumes from the last checkpoint instead of restarting;
-3. stage two of HelpSteer2-Preference: scaled Bradley-Terry from the stage-one model (init_from), LoRA,
-   DDP; the loss asked for is the loss recorded and run, and the LoRA export keeps the trained head.
+3. stage two of HelpSteer2-Preference: scaled Bradley-Terry from the stage-one model (init_from), LoRA on
+   the top layer, DDP; the loss asked for is the loss recorded and run, the LoRA export keeps the trained
+   head, and the second epoch reads the frozen layer's output from the frozen-prefix cache.
 """
 
 from __future__ import annotations
@@ -132,13 +133,16 @@ def test_scaled_bt_stage_two_with_lora_keeps_the_head(tiny_run, tmp_path):
     data, stage_one, _ = tiny_run
     out = tmp_path / "stage2"
     train_reward("--config", "tiny/reward", "--data", str(data), "--out", str(out), "--loss", "scaled_bt",
-                 "--init-from", str(stage_one / "model"), "lora.enabled=true", "lora.r=4",
-                 "scaling.strategy=ddp", "optim.lr=1e-2", "train.max_steps=6")
+                 "--init-from", str(stage_one / "model"), "lora.enabled=true", "lora.r=4", "lora.last_layers=1",
+                 "scaling.strategy=ddp", "optim.lr=1e-2", "train.max_steps=8")
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == "scaled_bt"  # recorded as asked
     manifest = read_manifest(out, "reward")
     assert manifest["loss"] == "scaled_bt" and manifest["inputs"]["kind"] == "preference"
     assert manifest["training"]["strategy"] == "ddp"
     assert 0 < manifest["training"]["trainable_params"] < manifest["training"]["params"]  # LoRA
+    # LoRA on the top layer only: rank 0 kept the layer below's output of its rows and reused it in epoch 2
+    cache = manifest["training"]["frozen_prefix_cache"]
+    assert cache["prefix_cache_rows"] > 0 and cache["prefix_cache_hits"] > 0
     val = manifest["metrics"]["val"]
     assert val["n_pairs"] == 16 and val["accuracy"] is not None and val["loss"] >= 0
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")
