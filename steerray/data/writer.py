@@ -1,7 +1,9 @@
 """Write ``prepare``'s output folder from a stream of converted rows, counting everything.
 
-Files are written under temporary names and moved into place only when the stream has ended, so an
-interrupted run never leaves a half-written split; ``manifest.json`` (written by the job) comes last.
+Ray Data workers write each block of rows as shard files (:func:`write_shard`); the driver appends them
+to the outputs in block order (:class:`PrepareWriter`), so no row passes through the driver. Files are
+written under temporary names and moved into place only when the stream has ended, so an interrupted
+run never leaves a half-written split; ``manifest.json`` (written by the job) comes last.
 """
 
 from __future__ import annotations
@@ -10,14 +12,20 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import uuid
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from steerray.errors import SteerrayError
 
 SPLITS = ("train", "val")
 KINDS = ("conversations", "regression", "preference")
 KIND_OF_ROW = {"conversation": "conversations", "regression": "regression", "preference": "preference"}
 PARQUET_KINDS = ("regression", "preference")  # what training stages read; columns are flat
+SHARDS = ".shards"  # workers' block files under `out`, until the driver has appended them to the outputs
 
 
 def assign_split(seed: int, source: str, group: str, val_fraction: float) -> str:
@@ -57,52 +65,128 @@ PARQUET_SCHEMAS = {
 }
 
 
-class PrepareWriter:
-    """Accepts batches of finalized rows; ``finish()`` moves the files into place and returns counts.
+REJECT_KINDS = ("reject", "skip")
 
-    Runs in the driver, so it only groups and writes: splits and reasons were computed by workers.
+
+def write_shard(batch: dict[str, Any], *, shard_dir: str) -> dict[str, Any]:
+    """Ray Data ``map_batches`` body (runs in workers): write one block of finalized rows as shard files.
+
+    Returns the block's shard description (what :meth:`PrepareWriter.add_shard` appends, as JSON text), so
+    only a few hundred bytes per block travel back to the driver, however large the block is.
+    """
+    import numpy as np
+
+    rows = zip(batch["source"], batch["kind"], batch["split"], batch["reason"], batch["payload"],
+               batch["counts_input"], strict=True)
+    return {"shard": np.asarray([json.dumps(write_shard_rows(rows, Path(shard_dir)))], dtype=object)}
+
+
+def write_shard_rows(rows: Iterable[tuple[str, str, str, str, str, int]], shard_dir: Path) -> dict[str, Any]:
+    """Write finalized ``(source, kind, split, reason, payload, counts_input)`` rows into one file per
+    (source, kind, split), lines exactly as they go into the outputs, and describe them.
+
+    The description: ``rows_in`` per source (only sources with rows), ``parts`` as ``[source, kind, split,
+    path, rows]`` and ``reasons`` (reject reason counts per source and kind, in first-seen order).
+    """
+    shard_dir.mkdir(parents=True, exist_ok=True)  # on a node that does not share `out`, the driver says so
+    stem = uuid.uuid4().hex  # a retried task writes new files, never into a half-written earlier try
+    handles: dict[tuple[str, str, str], Any] = {}
+    parts: dict[tuple[str, str, str], list[Any]] = {}
+    rows_in: Counter = Counter()
+    reasons: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
+    try:
+        for source, kind, split, reason, payload, counts_input in rows:
+            key = (str(source), str(kind), str(split))
+            if key not in handles:
+                path = shard_dir / f"{stem}.{len(handles)}.jsonl"
+                handles[key] = open(path, "w", encoding="utf-8")
+                parts[key] = [*key, str(path), 0]
+            if kind in REJECT_KINDS:
+                handles[key].write(f'{{"kind": "{kind}", {payload[1:]}\n')
+                reasons[key[0]][key[1]][str(reason)] += 1
+            else:
+                handles[key].write(payload + "\n")
+            parts[key][4] += 1
+            rows_in[key[0]] += int(counts_input)
+    finally:
+        for handle in handles.values():
+            handle.close()
+    return {"rows_in": dict(rows_in), "parts": list(parts.values()), "reasons": reasons}
+
+
+def _append_file(handle: BinaryIO, path: Path) -> None:
+    """Append the file at ``path`` to ``handle``, inside the kernel where it can (no copy through Python)."""
+    with open(path, "rb") as source:
+        if hasattr(os, "copy_file_range"):
+            size, offset = os.fstat(source.fileno()).st_size, 0
+            try:
+                while offset < size:
+                    sent = os.copy_file_range(source.fileno(), handle.fileno(), size - offset, offset)
+                    if not sent:
+                        raise OSError(f"{path} shrank while it was being copied")
+                    offset += sent
+                return
+            except OSError:
+                if offset:  # part of it is in the output already: only a failure before any byte can fall back
+                    raise
+        shutil.copyfileobj(source, handle, 1024**2)  # filesystems without copy_file_range (across devices, macOS)
+
+
+class PrepareWriter:
+    """Appends shards of finalized rows in order; ``finish()`` moves the files into place and returns counts.
+
+    Workers write each block's rows to shard files under ``shard_dir`` (:func:`write_shard`); the driver
+    only appends those files to the outputs in block order and adds up their counts, so its memory does
+    not grow with the input. It runs under the stage's run lock, so shards of an earlier, killed run of
+    this folder are nobody's and are removed.
     """
 
     def __init__(self, out_dir: str | Path, *, repeat: dict[str, int]):
         self.out = Path(out_dir)
         self.repeat = repeat
         self.tmp_suffix = f".tmp{os.getpid()}"
-        self.handles: dict[str, Any] = {}
+        self.handles: dict[str, BinaryIO] = {}
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.rejects_by_reason: dict[str, Counter] = defaultdict(Counter)
+        for stale in self.out.glob(f"{SHARDS}.tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.shard_dir = self.out / f"{SHARDS}{self.tmp_suffix}"
 
-    def _handle(self, relative: str) -> Any:
+    def _handle(self, relative: str) -> BinaryIO:
         if relative not in self.handles:
             path = self.out / (relative + self.tmp_suffix)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.handles[relative] = open(path, "w", encoding="utf-8")
+            self.handles[relative] = open(path, "wb", buffering=0)  # only whole files are appended to it
         return self.handles[relative]
 
     def write_batch(self, batch: dict[str, Any]) -> None:
-        import numpy as np
+        """Write one batch of finalized rows from this process (what workers do with :func:`write_shard`)."""
+        self.add_shard(write_shard_rows(zip(batch["source"], batch["kind"], batch["split"], batch["reason"],
+                                            batch["payload"], batch["counts_input"], strict=True), self.shard_dir))
 
-        sources, kinds, splits = batch["source"], batch["kind"], batch["split"]
-        for source in np.unique(sources):
-            of_source = sources == source
-            counts = self.counts[str(source)]
-            counts["rows_in"] += int(batch["counts_input"][of_source].sum())
-            for kind in np.unique(kinds[of_source]):
-                rows = of_source & (kinds == kind)
-                if kind in ("reject", "skip"):
-                    lines = [f'{{"kind": "{kind}", {p[1:]}' for p in batch["payload"][rows]]
-                    self._handle("rejects.jsonl").write("\n".join(lines) + "\n")
-                    counts["rejected" if kind == "reject" else "skipped"] += len(lines)
-                    self.rejects_by_reason[str(source)].update(batch["reason"][rows].tolist())
-                    continue
-                folder = KIND_OF_ROW[str(kind)]
-                for split in np.unique(splits[rows]):
-                    chosen = rows & (splits == split)
-                    copies = self.repeat.get(str(source), 1) if split == "train" else 1
-                    text = "\n".join(batch["payload"][chosen]) + "\n"
-                    handle = self._handle(f"{folder}/{split}.jsonl")
-                    for _ in range(copies):  # the reference repeats each line; whole batches keep order stable
-                        handle.write(text)
-                    counts[f"{folder}_{split}"] += int(chosen.sum()) * copies
+    def add_shard(self, shard: dict[str, Any]) -> None:
+        """Append one shard's files to the outputs and count them, source by source, kind by kind."""
+        parts = sorted(shard["parts"])  # by source, kind, split: each output gets the block's rows in order
+        for source in sorted(shard["rows_in"]):
+            counts = self.counts[source]
+            counts["rows_in"] += shard["rows_in"][source]
+            for _, kind, split, path, rows in (part for part in parts if part[0] == source):
+                if not Path(path).is_file():  # written on another node, into a folder this one does not share
+                    raise SteerrayError(f"a prepare worker wrote {path}, but it is not visible here: on a "
+                                        f"cluster, `out` ({self.out}) must be a folder every node shares")
+                if kind in REJECT_KINDS:
+                    relative, copies = "rejects.jsonl", 1
+                    counts["rejected" if kind == "reject" else "skipped"] += rows
+                    self.rejects_by_reason[source].update(shard["reasons"][source][kind])
+                else:
+                    folder = KIND_OF_ROW[kind]
+                    relative = f"{folder}/{split}.jsonl"
+                    copies = self.repeat.get(source, 1) if split == "train" else 1
+                    counts[f"{folder}_{split}"] += rows * copies
+                handle = self._handle(relative)
+                for _ in range(copies):  # the reference repeats each line; whole blocks keep order stable
+                    _append_file(handle, Path(path))
+                os.unlink(path)  # the shard folder holds at most the blocks not appended yet
 
     def _write_parquet(self, folder: str, split: str) -> str:
         """Stream a finished jsonl split into parquet with pyarrow's C++ reader."""
@@ -132,6 +216,7 @@ class PrepareWriter:
         self._handle("rejects.jsonl")
         for handle in self.handles.values():
             handle.close()
+        shutil.rmtree(self.shard_dir, ignore_errors=True)  # left: files of task tries that Ray retried
         targets = list(self.handles)
         targets += [self._write_parquet(folder, split) for folder in sorted(written_kinds & set(PARQUET_KINDS))
                     for split in SPLITS]
@@ -157,5 +242,6 @@ class PrepareWriter:
     def abort(self) -> None:
         for handle in self.handles.values():
             handle.close()
+        shutil.rmtree(self.shard_dir, ignore_errors=True)
         for path in self.out.rglob(f"*{self.tmp_suffix}"):
             path.unlink()

@@ -15,6 +15,7 @@ preference/{train,val}.jsonl|.parquet (explicit pairs), rejects.jsonl, manifest.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -24,7 +25,7 @@ from typing import Any
 from steerray.config import PrepareConfig
 from steerray.data import readers, sources
 from steerray.data.demo import demo_conversation
-from steerray.data.writer import PrepareWriter, finalize_rows
+from steerray.data.writer import PrepareWriter, finalize_rows, write_shard
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
 
@@ -160,9 +161,11 @@ def run(config: PrepareConfig) -> StageResult:
         for spec in specs:
             print(f"[prepare] reading {spec.name} {spec.location or '(default)'}", file=sys.stderr)
             dataset = source_dataset(spec, tasks_by_source[spec.name], config).map_batches(
-                finalize_rows, fn_kwargs=split_args, batch_format="numpy", batch_size=4096)
+                finalize_rows, fn_kwargs=split_args, batch_format="numpy", batch_size=4096).map_batches(
+                write_shard, fn_kwargs={"shard_dir": str(writer.shard_dir)}, batch_format="numpy", batch_size=None)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.write_batch(batch)
+                for shard in batch["shard"]:
+                    writer.add_shard(json.loads(shard))
         result = writer.finish()
     except BaseException:
         writer.abort()
