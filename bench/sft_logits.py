@@ -42,8 +42,9 @@ def main() -> None:
     from steerray.data.sft import IGNORE_INDEX, STATUS_OK, example_from_json
     from steerray.models.loading import load_causal_lm, load_tokenizer
     from steerray.models.precision import resolve_precision
-    from steerray.stages.train_sft import answer_loss_sum, projects_chosen_positions
+    from steerray.stages.train_sft import answer_loss_sum
     from steerray.training.batching import collate_sft, plan_step
+    from steerray.training.losses import projects_chosen_positions
     from steerray.training.strategy import Strategy, prepare_model
 
     torch.set_num_threads(args.threads)
@@ -62,7 +63,7 @@ def main() -> None:
     model = load_causal_lm(args.model)
     model.config.use_cache = False
     prepared = prepare_model(model, Strategy(kind="single", device=device, precision=precision), preset.lora)
-    if not projects_chosen_positions(prepared.base_hf_model()):
+    if not projects_chosen_positions(prepared.module):
         sys.exit("this transformers/model takes no boolean logits_to_keep: nothing to compare")
     lengths = np.array([len(r.input_ids) for r in rows])
     batches = []

@@ -17,10 +17,8 @@ rejects.jsonl, checkpoints/ (re-running the same command resumes from the last o
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections import Counter
-from collections.abc import Hashable
 from pathlib import Path
 from typing import Any, cast
 
@@ -46,7 +44,7 @@ from steerray.templates import generation_prompt, steerlm_chat_template
 from steerray.training.batching import collate_sft
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
-from steerray.training.losses import token_cross_entropy_sum
+from steerray.training.losses import trained_token_nll
 
 COLUMNS = ["file", "line", "length", "input_ids", "labels"]
 
@@ -71,7 +69,7 @@ class SFTTask(TrainTask):
         return int((batch["labels"] != IGNORE_INDEX).sum())  # token-mean over the trained tokens
 
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        return answer_loss_sum(prepared, batch, trained_only=projects_chosen_positions(prepared.base_hf_model()))
+        return answer_loss_sum(prepared, batch)
 
     def evaluate(self, prepared: Any, rows: Any, pad_id: int) -> dict[str, Any]:
         def score(batch: dict[str, Any]) -> tuple[float, int]:
@@ -96,37 +94,13 @@ class SFTTask(TrainTask):
         return {"samples": str(out / "samples.md") if count else None, "sample_count": count}
 
 
-def projects_chosen_positions(model: Any) -> bool:
-    """Whether the causal LM takes a boolean ``logits_to_keep`` mask (transformers >= 5): then only the trained
-    positions are projected onto the vocabulary."""
-    return _takes_position_mask(cast(Hashable, type(model)))
-
-
-@functools.cache
-def _takes_position_mask(model_class: Any) -> bool:
-    import inspect
-
-    from transformers import modeling_utils
-
-    return hasattr(modeling_utils, "slice_logits_to_keep") and \
-        "logits_to_keep" in inspect.signature(model_class.forward).parameters
-
-
-def answer_loss_sum(prepared: Any, batch: dict[str, Any], *, trained_only: bool) -> Any:
-    """Summed next-token cross entropy over the answer tokens (labels come shifted by the collate).
-
-    ``trained_only`` projects just the trained positions onto the vocabulary: the same loss and gradients,
-    without the lm_head matmul and the [tokens x vocabulary] logits (49,152 wide for SmolLM2) of every prompt
-    and padding position, which the loss would ignore anyway.
-    """
-    labels = batch["labels"]
-    kwargs = {"logits_to_keep": labels != IGNORE_INDEX} if trained_only else {}
+def answer_loss_sum(prepared: Any, batch: dict[str, Any], *, trained_only: bool | None = None) -> Any:
+    """Summed next-token cross entropy over the answer tokens; ``trained_only`` as in ``trained_token_nll``
+    (the default projects only the trained positions wherever transformers can)."""
     with prepared.strategy.autocast():
-        logits = prepared.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 **kwargs).logits
-    if trained_only:
-        labels = labels[labels != IGNORE_INDEX]  # logits come flattened to [trained tokens, vocabulary]
-    return token_cross_entropy_sum(logits, labels, shift=False)[0]
+        nll, _ = trained_token_nll(prepared.module, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                   trained_only)
+    return nll.sum()
 
 
 # 2. Samples: what the model learned, at each steering setting, for fixed prompts (rank 0, exported model).

@@ -43,7 +43,7 @@ from steerray.templates import steerlm_chat_template
 from steerray.training.batching import collate_sft
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
-from steerray.training.steerlm2 import distance, group_weights, sequence_nll, steerlm2_loss_sum
+from steerray.training.steerlm2 import distance, group_weights, row_nll, steerlm2_loss_sum
 
 COLUMNS = ["file", "line", "length", *GROUP_COLUMNS]
 
@@ -86,10 +86,8 @@ class SteerLM2Task(TrainTask):
     def group_nll(self, prepared: Any, batch: dict[str, Any]) -> Any:
         """``[G, n]`` summed token NLL of every response under the current theta (with grad if enabled)."""
         with prepared.strategy.autocast():
-            logits = prepared.module(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        return sequence_nll(logits, batch["labels"]).view(batch["logs"].shape[0], -1)
+            nll = row_nll(prepared.module, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return nll.view(batch["logs"].shape[0], -1)
 
     def objective(self, nll: Any, batch: dict[str, Any]) -> tuple[Any, float, int, int]:
         """(loss summed over groups, KL sum over kept groups, kept, skipped) for one micro-batch."""

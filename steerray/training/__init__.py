@@ -32,7 +32,9 @@ Public API (import from the submodules; this package imports nothing heavy on it
 ``steerray.training.losses`` (each ``*_sum`` returns ``(sum, count)``; normalise with the global count)
     - ``masked_mse_sum`` / ``masked_mse`` (ignore -100, mean over valid cells),
       ``bradley_terry_sum`` / ``bradley_terry_loss`` (scaled_bt | regular_bt | margin_bt on explicit pairs),
-      ``token_cross_entropy_sum`` / ``token_cross_entropy`` (SFT, HF shift, ignore -100),
+      ``token_cross_entropy_sum`` / ``token_cross_entropy`` (from logits, HF shift, ignore -100),
+      ``trained_token_nll(model, input_ids, attention_mask, labels)`` (SFT and SteerLM 2.0: the model's NLL
+      of each trained token, the lm_head run on the trained positions only where transformers can),
       ``normalize_loss(loss_sum, global_count, world_size)``; ``IGNORE_INDEX``.
 ``steerray.training.batching``
     - ``accumulation_steps(global_batch, micro_batch, world_size)``, ``steps_per_epoch(rows, global_batch)``,
@@ -52,6 +54,10 @@ Public API (import from the submodules; this package imports nothing heavy on it
       ``WandbLogger`` (only with WANDB_API_KEY / WANDB_MODE; offline-safe).
 ``steerray.training.reward_data``
     - reward-specific: read/validate a ``prepare`` folder, tokenize with left truncation, collate.
+``steerray.training.frozen_prefix``
+    - ``FrozenPrefixCache(model, budget_mb)``: with ``lora.last_layers``, each row's hidden states below the
+      first trained layer, computed once (``.hidden(keys, input_ids, attention_mask)``), checked once
+      against the whole model (``.agrees``); train-reward's ``train.frozen_prefix_cache_mb``.
 Reward-model quality metrics (MSE / Pearson / Spearman per attribute, pairwise accuracy) live in
 ``steerray.eval.metrics``.
 """

@@ -16,7 +16,9 @@ The ``*_loss`` helpers give the plain mean of one batch (tests, evaluation).
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from collections.abc import Hashable
+from typing import Any, cast
 
 from steerray.attributes import IGNORE_VALUE
 from steerray.data.sft import IGNORE_INDEX  # token label that carries no loss (HF / NeMo convention)
@@ -94,6 +96,46 @@ def token_cross_entropy_sum(logits: Any, labels: Any, *, shift: bool = True,
     flat_labels = labels.reshape(-1)
     total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
     return total, (flat_labels != ignore_index).sum()
+
+
+def projects_chosen_positions(model: Any) -> bool:
+    """Whether the causal LM inside ``model`` (DDP, DeepSpeed and peft unwrapped) takes a boolean
+    ``logits_to_keep`` mask (transformers >= 5): then only the trained positions need the lm_head."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return _takes_position_mask(cast(Hashable, type(inner)))
+
+
+@functools.cache
+def _takes_position_mask(model_class: Any) -> bool:
+    import inspect
+
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep") and \
+        "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def trained_token_nll(model: Any, input_ids: Any, attention_mask: Any, labels: Any,
+                      trained_only: bool | None = None) -> tuple[Any, Any]:
+    """Next-token NLL of every trained token ``[N]`` (float32), and the batch row of each ``[N]``.
+
+    ``labels`` come shifted (``collate_sft``: position t's label is token t + 1, ``IGNORE_INDEX`` where no loss
+    is taken). ``trained_only`` (default: wherever the model takes it) projects just the trained positions onto
+    the vocabulary: the same numbers without the lm_head matmul and the [tokens x vocabulary] logits of every
+    prompt and padding position (49,152 wide for SmolLM2). Call it inside the strategy's autocast.
+    """
+    import torch.nn.functional as F
+
+    labels = labels.to(input_ids.device)
+    trained = labels != IGNORE_INDEX
+    if trained_only is None:
+        trained_only = projects_chosen_positions(model)
+    if trained_only:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=trained).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[trained]
+    return F.cross_entropy(logits.float(), labels[trained], reduction="none"), trained.nonzero()[:, 0]
 
 
 def token_cross_entropy(logits: Any, labels: Any, *, shift: bool = True, ignore_index: int = IGNORE_INDEX) -> Any:

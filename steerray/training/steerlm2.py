@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.training.batching import collate_sft
-from steerray.training.losses import IGNORE_INDEX
+from steerray.training.losses import IGNORE_INDEX, trained_token_nll
 
 KL_EPS = 1e-8  # the reference adds it to both distributions before the KL
 
@@ -61,12 +61,19 @@ def sequence_nll(logits: Any, labels: Any, mask: Any = None) -> Any:
     return (token_nll * mask).sum(dim=-1)
 
 
+def row_nll(model: Any, input_ids: Any, attention_mask: Any, labels: Any) -> Any:
+    """:func:`sequence_nll` from the model itself, ``[B]`` float32: only the trained positions are projected onto
+    the vocabulary where transformers can (``trained_token_nll``). Call it inside the strategy's autocast."""
+    nll, rows = trained_token_nll(model, input_ids, attention_mask, labels)
+    return nll.new_zeros(input_ids.shape[0]).index_add(0, rows, nll)
+
+
 def response_nll(model: Any, input_ids: Sequence[Sequence[int]], labels: Sequence[Sequence[int]], pad_id: int,
                  *, micro_batch: int = 8) -> Any:
     """No-grad :func:`sequence_nll` of many shifted examples, ``micro_batch`` at a time: ``[N]`` float32.
 
     ``model`` is anything called as ``model(input_ids=, attention_mask=)`` returning ``.logits`` (an HF causal
-    LM, or training's prepared root). The generator negates it for ``log Q'`` and ``log P(y|x)``; the trainer
+    LM, or training's prepared root), with ``logits_to_keep=`` too where its causal LM takes that. The generator negates it for ``log Q'`` and ``log P(y|x)``; the trainer
     uses it for the baseline pass. Train/eval mode is left to the caller.
     """
     import torch
@@ -78,9 +85,8 @@ def response_nll(model: Any, input_ids: Sequence[Sequence[int]], labels: Sequenc
     with torch.no_grad():
         for start in range(0, len(input_ids), micro_batch):
             batch = collate_sft(input_ids[start:start + micro_batch], labels[start:start + micro_batch], pad_id)
-            logits = model(input_ids=batch["input_ids"].to(device),
-                           attention_mask=batch["attention_mask"].to(device)).logits
-            out.append(sequence_nll(logits, batch["labels"]).cpu())
+            out.append(row_nll(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                               batch["labels"].to(device)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
