@@ -111,7 +111,8 @@ class TrainLoopConfig(StrictModel):
     max_eval_rows: int | None = Field(None, ge=1)
     length_grouping: bool = True  # batch similar lengths together so padding wastes little compute
     # train-reward with lora.last_layers: each worker keeps every row's hidden states below the trained layers
-    # (computed once, not every epoch) up to this many MB; 0 turns it off. ~0.4 MB a 180-token row of SmolLM2.
+    # (computed once, not every epoch) in host memory, up to this many MB; 0 turns it off. ~0.4 MB a 180-token
+    # row of SmolLM2 in fp32.
     frozen_prefix_cache_mb: float = Field(2048, ge=0)
     seed: int = 1234
     # Debug/test knob: raise in every worker right after the checkpoint of this step (first attempt only),

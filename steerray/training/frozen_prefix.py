@@ -73,14 +73,16 @@ class FrozenPrefixCache:
                 row = fresh[missing.index(i), : lengths[i]]
                 self.misses += 1
                 if self.bytes + row.numel() * row.element_size() <= self.budget:
-                    self.rows[key] = row.clone()  # a copy: the batch's tensor is not kept alive
+                    # in host memory (a copy: the batch's tensor is not kept alive), never the GPU's
+                    self.rows[key] = row.to("cpu", copy=True)
                     self.bytes += row.numel() * row.element_size()
             else:
                 row = self.rows[key]
                 self.hits += 1
             if out is None:
-                out = row.new_zeros((len(keys), input_ids.shape[1], row.shape[-1]))
-            out[i, : lengths[i]] = row
+                out = torch.zeros((len(keys), input_ids.shape[1], row.shape[-1]), dtype=row.dtype,
+                                  device=input_ids.device)
+            out[i, : lengths[i]] = row.to(input_ids.device)
         return out
 
     def agrees(self, sliced: Any, whole: Any, precision: str) -> bool:
