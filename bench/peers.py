@@ -29,9 +29,11 @@ so it should agree to a few digits, which checks that both sides average the los
 Not equal, on purpose, because it is what each library does: steerray groups the rows of a step by length
 (less padding) and runs ``scaling.num_workers`` Ray Train workers (2 DDP workers of one thread each on a CPU,
 one per GPU); the peer is one process with torch's threads (``--threads``) or the one GPU; in bf16 steerray
-stores frozen weights in bf16, HF autocasts fp32 weights; TRL 1.x's loss projects only the loss-bearing positions
-through the LM head (``fused_lm_head``: less work than steerray's full logits wherever prompts are long) and also
-computes entropy and token accuracy each step; the peers' default optimizer is fused AdamW, steerray's the plain one.
+stores frozen weights in bf16, HF autocasts fp32 weights; both SFT sides project only the loss-bearing positions
+through the LM head (TRL 1.x's ``fused_lm_head``, steerray's boolean ``logits_to_keep``), and TRL also computes
+entropy and token accuracy each step; steerray's reward stage reuses the frozen lower layers' output of a row it
+has seen (``train.frozen_prefix_cache_mb``), which only pays once a run comes back to its rows; the peers' default
+optimizer is fused AdamW, steerray's the plain one.
 
 One peer setting is not a default: transformers 5.x's Trainer hands ``num_items_in_batch`` to a classification
 model (its forward takes ``**kwargs``) and then skips dividing by the accumulation steps, but the regression loss
