@@ -1,13 +1,15 @@
 """Write ``prepare``'s output folder from a stream of converted rows, counting everything.
 
-Ray Data workers write each block of rows as shard files (:func:`write_shard`); the driver appends them
-to the outputs in block order (:class:`PrepareWriter`), so no row passes through the driver. Files are
+Ray Data workers write the rows as shard files (:func:`write_shard_rows`), one shard per block or read
+task; the driver appends the shards to the outputs in input order (:class:`PrepareWriter`), so no row
+passes through the driver and its memory does not grow with the input. Files are
 written under temporary names and moved into place only when the stream has ended, so an interrupted
 run never leaves a half-written split; ``manifest.json`` (written by the job) comes last.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +17,7 @@ import re
 import shutil
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -25,6 +27,9 @@ SPLITS = ("train", "val")
 KINDS = ("conversations", "regression", "preference")
 KIND_OF_ROW = {"conversation": "conversations", "regression": "regression", "preference": "preference"}
 PARQUET_KINDS = ("regression", "preference")  # what training stages read; columns are flat
+REJECT_KINDS = ("reject", "skip")  # rows that go to rejects.jsonl, with their reason
+# A finalized row: source, kind, split, reason category (rejects only), payload (JSON text), counts_input.
+FinalRow = tuple[str, str, str, str, str, int]
 SHARDS = ".shards"  # workers' block files under `out`, until the driver has appended them to the outputs
 
 
@@ -42,20 +47,34 @@ def reason_category(reason: str) -> str:
     return re.sub(r"\b[0-9a-f-]{8,}\b|\d+", "N", head)[:80] or "unknown"
 
 
+def finalize_row(source: str, kind: str, split: str, group: str, payload: str, *, seed: int,
+                 val_fraction: float) -> tuple[str, str]:
+    """A converted row's ``(split, reason)``: its split by group hash where the source left it open; a
+    reject or skip row goes to no split and gets its reason's category (what the manifest counts)."""
+    if kind in REJECT_KINDS:
+        return "", f"{kind}: {reason_category(json.loads(payload)['reason'])}"
+    return split or assign_split(seed, source, group, val_fraction), ""
+
+
 def finalize_rows(batch: dict[str, Any], *, seed: int, val_fraction: float) -> dict[str, Any]:
     """Ray Data ``map_batches`` body (runs in workers): fill in splits and reject-reason categories."""
     import numpy as np
 
-    splits = batch["split"].astype(object)
-    for i in np.flatnonzero(splits == ""):
-        splits[i] = assign_split(seed, str(batch["source"][i]), str(batch["group"][i]), val_fraction)
-    reasons = np.full(len(splits), "", dtype=object)
-    for i in np.flatnonzero(np.isin(batch["kind"], ("reject", "skip"))):
-        payload = json.loads(batch["payload"][i])
-        reasons[i] = f"{batch['kind'][i]}: {reason_category(payload['reason'])}"
-        splits[i] = ""
+    columns = zip(batch["source"], batch["kind"], batch["split"], batch["group"], batch["payload"], strict=True)
+    done = [finalize_row(str(source), str(kind), str(split), str(group), payload, seed=seed,
+                         val_fraction=val_fraction) for source, kind, split, group, payload in columns]
+    splits, reasons = np.empty(len(done), dtype=object), np.empty(len(done), dtype=object)
+    splits[:], reasons[:] = [split for split, _ in done], [reason for _, reason in done]
     return {"source": batch["source"], "kind": batch["kind"], "split": splits, "reason": reasons,
             "payload": batch["payload"], "counts_input": batch["counts_input"]}
+
+
+def finalized(rows: Iterable[dict[str, Any]], *, seed: int, val_fraction: float) -> Iterator[FinalRow]:
+    """Converted rows (as the source converters return them) as finalized rows, one by one."""
+    for row in rows:
+        split, reason = finalize_row(row["source"], row["kind"], row["split"], row["group"], row["payload"],
+                                     seed=seed, val_fraction=val_fraction)
+        yield row["source"], row["kind"], split, reason, row["payload"], row["counts_input"]
 
 
 PARQUET_SCHEMAS = {
@@ -63,9 +82,6 @@ PARQUET_SCHEMAS = {
     "preference": (("id", "string"), ("chosen", "string"), ("rejected", "string"), ("strength", "double"),
                    ("tie", "bool"), ("domain", "string"), ("language", "string")),  # the last two: HelpSteer3
 }
-
-
-REJECT_KINDS = ("reject", "skip")
 
 
 def write_shard(batch: dict[str, Any], *, shard_dir: str) -> dict[str, Any]:
@@ -76,17 +92,21 @@ def write_shard(batch: dict[str, Any], *, shard_dir: str) -> dict[str, Any]:
     """
     import numpy as np
 
-    rows = zip(batch["source"], batch["kind"], batch["split"], batch["reason"], batch["payload"],
+    return {"shard": np.asarray([json.dumps(write_shard_rows(batch_rows(batch), Path(shard_dir)))], dtype=object)}
+
+
+def batch_rows(batch: dict[str, Any]) -> Iterator[FinalRow]:
+    """The finalized rows of a batch (columns as :func:`finalize_rows` returns them)."""
+    return zip(batch["source"], batch["kind"], batch["split"], batch["reason"], batch["payload"],
                batch["counts_input"], strict=True)
-    return {"shard": np.asarray([json.dumps(write_shard_rows(rows, Path(shard_dir)))], dtype=object)}
 
 
-def write_shard_rows(rows: Iterable[tuple[str, str, str, str, str, int]], shard_dir: Path) -> dict[str, Any]:
-    """Write finalized ``(source, kind, split, reason, payload, counts_input)`` rows into one file per
-    (source, kind, split), lines exactly as they go into the outputs, and describe them.
+def write_shard_rows(rows: Iterable[FinalRow], shard_dir: Path) -> dict[str, Any]:
+    """Write finalized rows into one file per (source, kind, split), each line exactly as it goes into the
+    outputs, and describe them.
 
     The description: ``rows_in`` per source (only sources with rows), ``parts`` as ``[source, kind, split,
-    path, rows]`` and ``reasons`` (reject reason counts per source and kind, in first-seen order).
+    path, rows]`` and ``reasons`` (reason counts per source and reject kind, in first-seen order).
     """
     shard_dir.mkdir(parents=True, exist_ok=True)  # on a node that does not share `out`, the driver says so
     stem = uuid.uuid4().hex  # a retried task writes new files, never into a half-written earlier try
@@ -111,34 +131,43 @@ def write_shard_rows(rows: Iterable[tuple[str, str, str, str, str, int]], shard_
     finally:
         for handle in handles.values():
             handle.close()
-    return {"rows_in": dict(rows_in), "parts": list(parts.values()), "reasons": reasons}
+    return {"rows_in": dict(rows_in), "parts": list(parts.values()),
+            "reasons": {source: {kind: dict(c) for kind, c in kinds.items()} for source, kinds in reasons.items()}}
 
 
-def _append_file(handle: BinaryIO, path: Path) -> None:
-    """Append the file at ``path`` to ``handle``, inside the kernel where it can (no copy through Python)."""
+def _append_file(target: BinaryIO, path: Path) -> None:
+    """Append the file at ``path`` to ``target``."""
     with open(path, "rb") as source:
-        if hasattr(os, "copy_file_range"):
-            size, offset = os.fstat(source.fileno()).st_size, 0
-            try:
-                while offset < size:
-                    sent = os.copy_file_range(source.fileno(), handle.fileno(), size - offset, offset)
-                    if not sent:
-                        raise OSError(f"{path} shrank while it was being copied")
-                    offset += sent
-                return
-            except OSError:
-                if offset:  # part of it is in the output already: only a failure before any byte can fall back
-                    raise
-        shutil.copyfileobj(source, handle, 1024**2)  # filesystems without copy_file_range (across devices, macOS)
+        if not _kernel_copy(source, target):
+            shutil.copyfileobj(source, target, 1024**2)
+
+
+def _kernel_copy(source: BinaryIO, target: BinaryIO) -> bool:
+    """Copy all of ``source`` to ``target``'s position inside the kernel (the bytes never pass through
+    Python); False, with nothing copied, where the system or filesystem cannot (macOS, some network mounts)."""
+    if not hasattr(os, "copy_file_range"):
+        return False
+    size, offset = os.fstat(source.fileno()).st_size, 0
+    while offset < size:
+        try:
+            sent = os.copy_file_range(source.fileno(), target.fileno(), size - offset, offset)
+        except OSError:
+            if offset:  # part of it is in the output already: only a refusal of the first call can fall back
+                raise
+            return False
+        if not sent:
+            raise OSError(errno.EIO, f"{source.name} ended after {offset} of its {size} bytes")
+        offset += sent
+    return True
 
 
 class PrepareWriter:
     """Appends shards of finalized rows in order; ``finish()`` moves the files into place and returns counts.
 
-    Workers write each block's rows to shard files under ``shard_dir`` (:func:`write_shard`); the driver
-    only appends those files to the outputs in block order and adds up their counts, so its memory does
-    not grow with the input. It runs under the stage's run lock, so shards of an earlier, killed run of
-    this folder are nobody's and are removed.
+    Workers write the rows to shard files under ``shard_dir``; the driver only appends those files to the
+    outputs in input order and adds up their counts. Within a shard, each output gets the shard's rows in
+    their order, rejects before skips, and ``repeat`` copies a shard's train rows in a row. The writer runs
+    under the stage's run lock, so shards of an earlier, killed run of this folder are nobody's: removed.
     """
 
     def __init__(self, out_dir: str | Path, *, repeat: dict[str, int]):
@@ -161,8 +190,7 @@ class PrepareWriter:
 
     def write_batch(self, batch: dict[str, Any]) -> None:
         """Write one batch of finalized rows from this process (what workers do with :func:`write_shard`)."""
-        self.add_shard(write_shard_rows(zip(batch["source"], batch["kind"], batch["split"], batch["reason"],
-                                            batch["payload"], batch["counts_input"], strict=True), self.shard_dir))
+        self.add_shard(write_shard_rows(batch_rows(batch), self.shard_dir))
 
     def add_shard(self, shard: dict[str, Any]) -> None:
         """Append one shard's files to the outputs and count them, source by source, kind by kind."""
@@ -184,9 +212,9 @@ class PrepareWriter:
                     copies = self.repeat.get(source, 1) if split == "train" else 1
                     counts[f"{folder}_{split}"] += rows * copies
                 handle = self._handle(relative)
-                for _ in range(copies):  # the reference repeats each line; whole blocks keep order stable
+                for _ in range(copies):  # the reference repeats each line; whole shards keep the order stable
                     _append_file(handle, Path(path))
-                os.unlink(path)  # the shard folder holds at most the blocks not appended yet
+                os.unlink(path)  # the shard folder holds only shards not appended yet
 
     def _write_parquet(self, folder: str, split: str) -> str:
         """Stream a finished jsonl split into parquet with pyarrow's C++ reader."""

@@ -10,11 +10,20 @@ or as a Ray job:  ray job submit -- python -m steerray.stages.prepare --config C
 Outputs under `out`: conversations/{train,val}.jsonl (NeMo-Aligner conversation schema),
 regression/{train,val}.jsonl|.parquet ({"text", "label": 9 floats, -100 = missing}),
 preference/{train,val}.jsonl|.parquet (explicit pairs), rejects.jsonl, manifest.json (written last).
+
+Ray workers convert the rows and write them as shard files under `out` (so on a cluster `out` must be
+storage every node sees, as for every stage); the driver only appends the shards to the outputs in input
+order, so its memory stays flat however large the input is. A plain source (one row per input line) is
+read, converted and written in one worker step per read task (a 32 MiB piece of a jsonl file, or one
+gzip or parquet file): that task is its shard. OASST trees, the demo and --max-rows-per-source go row by
+row through Ray Data, and a shard is one Ray Data block. A shard's train rows are what --repeat copies
+in a row, and its rejects come before its skips in rejects.jsonl.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import sys
@@ -25,7 +34,7 @@ from typing import Any
 from steerray.config import PrepareConfig
 from steerray.data import readers, sources
 from steerray.data.demo import demo_conversation
-from steerray.data.writer import PrepareWriter, finalize_rows, write_shard
+from steerray.data.writer import PrepareWriter, finalize_rows, finalized, write_shard, write_shard_rows
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
 
@@ -92,8 +101,43 @@ def inputs(config: PrepareConfig) -> list[str]:
     return found
 
 
-# 2. One Ray Data pipeline per source: read numbered lines, convert, regroup OASST trees.
+# 2. One Ray Data pipeline per source. Workers convert the rows and write them as shard files; the driver
+# gets one small description per shard (see steerray.data.writer).
+ROW_SOURCES = ("demo", "oasst1")  # no input lines (demo), or rows regrouped across lines (OASST trees)
+
+
+def shard_dataset(spec: sources.SourceSpec, tasks: list[dict[str, Any]], config: PrepareConfig,
+                  shard_dir: Path) -> Any:
+    """Descriptions of the shards the source's rows were written to, in input order (``{"shard"}`` rows)."""
+    import ray.data
+
+    split_args: dict[str, Any] = {"seed": config.seed, "val_fraction": config.val_fraction}
+    if spec.name in ROW_SOURCES or config.max_rows_per_source is not None:
+        return source_dataset(spec, tasks, config).map_batches(
+            finalize_rows, fn_kwargs=split_args, batch_format="numpy", batch_size=4096).map_batches(
+            write_shard, fn_kwargs={"shard_dir": str(shard_dir)}, batch_format="numpy", batch_size=None)
+    # Each read task is read, converted and written by one worker in one step: no row becomes an Arrow row
+    # (the row path converts each one three times), which is what let the stage outrun a plain loop.
+    return ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).map(functools.partial(
+        shard_read_task, name=spec.name, row_filter=_row_filter(spec.name, config), shard_dir=str(shard_dir),
+        **split_args))
+
+
+def shard_read_task(task: dict[str, Any], *, name: str, row_filter: sources.RowFilter | None, shard_dir: str,
+                     seed: int, val_fraction: float) -> dict[str, Any]:
+    """Ray Data ``map`` body: one read task of a plain source in, the description of its shard out."""
+    converted = (row for raw in readers.read_task_rows(task)
+                 for row in sources.convert_raw_row(name, raw, task["split"], row_filter))
+    shard = write_shard_rows(finalized(converted, seed=seed, val_fraction=val_fraction), Path(shard_dir))
+    return {"shard": json.dumps(shard)}
+
+
+def _row_filter(name: str, config: PrepareConfig) -> sources.RowFilter | None:
+    return sources.source_filter(name, config.row_filter) if name in sources.FILTER_COLUMNS else None
+
+
 def source_dataset(spec: sources.SourceSpec, tasks: list[dict[str, Any]], config: PrepareConfig) -> Any:
+    """The source's converted rows as a Ray Data dataset, row by row (OASST trees, demo, --max-rows-per-source)."""
     import ray.data
 
     name = spec.name
@@ -105,7 +149,7 @@ def source_dataset(spec: sources.SourceSpec, tasks: list[dict[str, Any]], config
     raw = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks))).flat_map(_read_with_split)
     if config.max_rows_per_source is not None:
         raw = raw.limit(config.max_rows_per_source)
-    row_filter = sources.source_filter(name, config.row_filter) if name in sources.FILTER_COLUMNS else None
+    row_filter = _row_filter(name, config)
     converted = raw.flat_map(lambda row: sources.convert_raw_row(name, row, row["split"], row_filter))
     if name != "oasst1":
         return converted
@@ -156,13 +200,10 @@ def run(config: PrepareConfig) -> StageResult:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # stable output order
     started = time.time()
     writer = PrepareWriter(out, repeat=config.repeat)
-    split_args = {"seed": config.seed, "val_fraction": config.val_fraction}
     try:
         for spec in specs:
             print(f"[prepare] reading {spec.name} {spec.location or '(default)'}", file=sys.stderr)
-            dataset = source_dataset(spec, tasks_by_source[spec.name], config).map_batches(
-                finalize_rows, fn_kwargs=split_args, batch_format="numpy", batch_size=4096).map_batches(
-                write_shard, fn_kwargs={"shard_dir": str(writer.shard_dir)}, batch_format="numpy", batch_size=None)
+            dataset = shard_dataset(spec, tasks_by_source[spec.name], config, writer.shard_dir)
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
                 for shard in batch["shard"]:
                     writer.add_shard(json.loads(shard))

@@ -95,3 +95,40 @@ def test_rerun_is_a_no_op_and_errors_are_clear(ray_session, tmp_path: Path):
     assert offline.exit_code != 0 and "HF_HUB_OFFLINE" in offline.output and "local copy" in offline.output
     bad_key = prepare("--source", "demo", "--out", str(tmp_path / "x"), "demo_conversationz=5")
     assert bad_key.exit_code != 0 and "demo_conversationz: unknown key" in bad_key.output
+
+
+def test_workers_write_what_converting_in_process_writes(ray_session, shared_data, tmp_path: Path):
+    """Workers read, convert and write each read task (the driver only appends their shards in order): the
+    outputs are byte for byte those of converting each task here and writing it as one batch."""
+    import dataclasses
+
+    import numpy as np
+
+    from steerray.data import readers, sources
+    from steerray.data.writer import PrepareWriter, finalize_rows
+
+    sample = (shared_data / "helpsteer2" / "helpsteer2_validation_sample_hfschema.jsonl").read_text().splitlines()
+    folder = tmp_path / "hs2"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("\n".join(sample[:5] + ["{broken", json.dumps({"prompt": "p"})]) + "\n")
+    (folder / "b.jsonl").write_text("\n".join(sample[5:]) + "\n")
+    out = tmp_path / "p"
+    result = prepare("--source", f"helpsteer2={folder}", "--repeat", "helpsteer2=2", "--val-fraction", "0.4",
+                     "--out", str(out))
+    assert result.exit_code == 0, result.output
+    expected = PrepareWriter(tmp_path / "expected", repeat={"helpsteer2": 2})
+    columns = ("source", "kind", "split", "group", "file", "line", "payload", "counts_input")
+    for task in readers.plan_reads(sorted(str(f) for f in folder.iterdir())):
+        rows = [row for raw in readers.read_task_rows(dataclasses.asdict(task))
+                for row in sources.convert_raw_row("helpsteer2", raw, "")]
+        batch = {c: np.asarray([r[c] for r in rows], dtype=np.int64 if c == "counts_input" else object)
+                 for c in columns}
+        expected.write_batch(finalize_rows(batch, seed=10, val_fraction=0.4))
+    sections = expected.finish()
+    manifest = read_manifest(out, "prepare")
+    assert manifest["outputs"] == sections["outputs"] and "regression/train.parquet" in sections["outputs"]
+    for relative in sections["outputs"]:
+        assert (out / relative).read_bytes() == (tmp_path / "expected" / relative).read_bytes(), relative
+    assert manifest["per_source"] == sections["per_source"] and manifest["per_source"]["helpsteer2"]["rejected"] == 2
+    assert manifest["rejects_by_reason"] == sections["rejects_by_reason"]
+    assert not list(out.glob(".shards*"))  # the workers' shard files are gone with the run
