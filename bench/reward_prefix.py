@@ -44,6 +44,8 @@ def main() -> None:
     from steerray.models.precision import resolve_precision
     from steerray.models.reward import build_reward_model, encode_reward_texts
     from steerray.stages.train_reward import RewardTask
+    from steerray.training.frozen_prefix import FrozenPrefixCache, reward_predictions
+    from steerray.training.losses import masked_mse_sum
     from steerray.training.strategy import Strategy, prepare_model
 
     torch.set_num_threads(args.threads)
@@ -67,20 +69,20 @@ def main() -> None:
     prepared = prepare_model(build_reward_model(args.model, config.attributes), Strategy(
         kind="single", device=torch.device("cpu"), precision=precision), config.lora, trainable_modules=["score"],
         wrap=task.wrap)
+    task.cache = FrozenPrefixCache.for_training(prepared, config.train.frozen_prefix_cache_mb)
     trainable = [p for p in prepared.module.parameters() if p.requires_grad]
-    from steerray.training.losses import masked_mse_sum
 
     def run(batch: dict, how: str) -> tuple[float, torch.Tensor, list[torch.Tensor]]:
         for p in trainable:
             p.grad = None
         if how == "first":  # forget the rows: the cache computes them again
-            cache = task.prefix_cache(prepared)
+            cache = task.cache
             for key in batch["keys"]:
                 if key in cache.rows:
                     cache.bytes -= cache.rows[key].numel() * cache.rows[key].element_size()
                     del cache.rows[key]
         start = time.perf_counter()
-        preds = task.predict(prepared, batch) if how == "whole" else task.train_predict(prepared, batch)
+        preds = task.predict(prepared, batch) if how == "whole" else reward_predictions(task.cache, prepared, batch)
         masked_mse_sum(preds, batch["labels"])[0].backward()
         return time.perf_counter() - start, preds.detach(), [p.grad.clone() for p in trainable]
 
@@ -88,7 +90,7 @@ def main() -> None:
     batches = [task.micro_batch(rows, order[i: i + micro].tolist(), tokenizer.pad_token_id, torch.device("cpu"))
                for i in range(0, len(order), micro)]
     run(batches[0], "whole"), run(batches[0], "first")  # warm-up and the cache's one agreement check
-    if not task.prefix_cache(prepared).enabled:
+    if not task.cache.enabled:
         sys.exit("the frozen-prefix cache turned itself off for this model: nothing to compare")
     times: dict[str, list[float]] = {"whole": [], "first": [], "later": []}
     pred_diff = grad_diff = 0.0
@@ -96,7 +98,7 @@ def main() -> None:
         ways = ["whole", "first", "later"]
         results = {}
         for how in ways[i % 3:] + ways[: i % 3]:
-            if how == "later" and any(k not in task.prefix_cache(prepared).rows for k in batch["keys"]):
+            if how == "later" and any(k not in task.cache.rows for k in batch["keys"]):
                 run(batch, "first")  # make sure every row is cached before timing a later visit
             seconds, preds, grads = run(batch, how)
             times[how].append(seconds)
@@ -108,7 +110,7 @@ def main() -> None:
             grad_diff = max(grad_diff, max(float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
                                            for a, b in zip(grads, whole_grads, strict=True)))
     med = {how: float(np.median(values)) for how, values in times.items()}
-    cache = task.prefix_cache(prepared)
+    cache = task.cache
     print(f"model {args.model}, precision {precision}, {args.threads} thread(s), {len(batches)} micro-batches of "
           f"{micro}, LoRA on layers {cache.layer}.. (top {config.lora.last_layers})")
     print(f"forward+backward, median s/micro-batch: whole model {med['whole']:.3f}, first visit {med['first']:.3f} "

@@ -5,7 +5,7 @@
 
 One process, one thread (a demo worker's share of the box), the demo SFT preset's LoRA, precision and
 max_length, micro-batches of built-in demo conversations planned as the stage plans them. Each
-micro-batch runs forward + backward through ``train_sft.answer_loss_sum`` twice, alternating which way
+micro-batch runs forward + backward through ``losses.trained_token_nll`` (train-sft's loss) twice, alternating which way
 goes first: ``trained_only=False`` (the lm_head over every prompt, answer and padding position, as the
 peers compute it) and ``trained_only=True`` (what the stage runs where transformers takes a boolean
 ``logits_to_keep``). Prints seconds per micro-batch for each, the ratio, the largest difference in the
@@ -42,9 +42,8 @@ def main() -> None:
     from steerray.data.sft import IGNORE_INDEX, STATUS_OK, example_from_json
     from steerray.models.loading import load_causal_lm, load_tokenizer
     from steerray.models.precision import resolve_precision
-    from steerray.stages.train_sft import answer_loss_sum
     from steerray.training.batching import collate_sft, plan_step
-    from steerray.training.losses import projects_chosen_positions
+    from steerray.training.losses import projects_chosen_positions, trained_token_nll
     from steerray.training.strategy import Strategy, prepare_model
 
     torch.set_num_threads(args.threads)
@@ -79,7 +78,9 @@ def main() -> None:
         for p in trainable:
             p.grad = None
         start = time.perf_counter()
-        loss = answer_loss_sum(prepared, batch, trained_only=trained_only)
+        with prepared.strategy.autocast():
+            loss = trained_token_nll(prepared.module, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                     trained_only)[0].sum()
         loss.backward()
         seconds = time.perf_counter() - start
         return seconds, float(loss.detach()), [p.grad.detach().clone() for p in trainable]

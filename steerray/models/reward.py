@@ -18,6 +18,7 @@ from typing import Any
 
 from steerray.attributes import ATTRIBUTES, check_attribute
 from steerray.errors import SteerrayError
+from steerray.models.layer_slices import backbone_of, forward_from_layer
 from steerray.models.loading import expected_new_head, load_tokenizer, resolve_model, weights_format
 
 
@@ -161,8 +162,6 @@ def reward_forward(model: Any, input_ids: Any, attention_mask: Any, hidden: Any 
     decoder layer ``from_layer``, e.g. from training's frozen-prefix cache) skips the layers below it.
     """
     import torch
-
-    from steerray.models.layer_slices import backbone_of, forward_from_layer
 
     backbone = backbone_of(model)
     if hidden is not None:

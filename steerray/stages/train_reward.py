@@ -28,17 +28,11 @@ from steerray.artifacts import write_jsonl
 from steerray.config import ConfigError, RewardConfig
 from steerray.eval.metrics import label_means, pairwise_metrics, regression_metrics
 from steerray.models.loading import resolve_model
-from steerray.models.reward import (
-    RewardModelError,
-    build_reward_model,
-    reward_attributes,
-    reward_forward,
-    reward_readout,
-)
+from steerray.models.reward import RewardModelError, build_reward_model, reward_attributes, reward_readout
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
 from steerray.training import reward_data as rd
-from steerray.training.frozen_prefix import FrozenPrefixCache
+from steerray.training.frozen_prefix import FrozenPrefixCache, reward_predictions
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
 from steerray.training.losses import bradley_terry_loss, bradley_terry_sum, masked_mse_sum
@@ -53,6 +47,7 @@ class RewardTask(TrainTask):
     config_class = RewardConfig
     config: RewardConfig
     trainable_modules = ("score",)
+    cache: FrozenPrefixCache | None = None  # built on the first training micro-batch (training/frozen_prefix.py)
 
     @property
     def kind(self) -> str:
@@ -69,10 +64,8 @@ class RewardTask(TrainTask):
         return reward_readout(model)
 
     def micro_batch(self, rows: Any, indices: Any, pad_id: int, device: Any) -> dict[str, Any]:
-        if self.kind == rd.REGRESSION:
-            return {**rd.collate_regression(rows, indices, pad_id), "keys": [int(i) for i in indices]}
-        keys = [2 * int(i) for i in indices] + [2 * int(i) + 1 for i in indices]  # chosen texts, then rejected
-        return {**rd.collate_pairs(rows, indices, pad_id), "keys": keys}
+        collate = rd.collate_regression if self.kind == rd.REGRESSION else rd.collate_pairs
+        return collate(rows, indices, pad_id)
 
     def units(self, batch: dict[str, Any]) -> int:
         return int((batch["labels"] != -100).sum()) if self.kind == rd.REGRESSION else int(batch["pairs"])
@@ -85,38 +78,10 @@ class RewardTask(TrainTask):
         with strategy.autocast():
             return prepared.module(batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device))
 
-    def train_predict(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        """``predict`` for a training micro-batch: the frozen layers' output of a row seen before comes from
-        the worker's cache (training/frozen_prefix.py), so only the trained layers run."""
-        cache = self.prefix_cache(prepared)
-        if not cache.enabled:
-            return self.predict(prepared, batch)
-        strategy = prepared.strategy
-        ids, mask = batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
-        with strategy.autocast():
-            hidden = cache.hidden(batch["keys"], ids, mask)
-            if not cache.checked:
-                import torch
-
-                with torch.no_grad():
-                    sliced = reward_forward(prepared.model, ids, mask, hidden, cache.layer)
-                    whole = reward_forward(prepared.model, ids, mask)
-                if not cache.agrees(sliced, whole, strategy.precision):
-                    return self.predict(prepared, batch)
-            return prepared.module(ids, mask, hidden=hidden, from_layer=cache.layer)
-
-    _cache: FrozenPrefixCache | None = None
-
-    def prefix_cache(self, prepared: Any) -> FrozenPrefixCache:
-        """Built on the first training micro-batch. FSDP2 and DeepSpeed run without it: their hooks gather the
-        sharded layers only through the wrapper's own forward."""
-        if self._cache is None:
-            budget = self.config.train.frozen_prefix_cache_mb if prepared.strategy.kind in ("ddp", "single") else 0
-            self._cache = FrozenPrefixCache(prepared.model, budget)
-        return self._cache
-
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        preds = self.train_predict(prepared, batch)
+        if self.cache is None:
+            self.cache = FrozenPrefixCache.for_training(prepared, self.config.train.frozen_prefix_cache_mb)
+        preds = reward_predictions(self.cache, prepared, batch)
         if self.kind == rd.REGRESSION:
             return masked_mse_sum(preds, batch["labels"])[0]
         rewards, pairs = preds[:, self.helpfulness].float(), batch["pairs"]
@@ -124,8 +89,7 @@ class RewardTask(TrainTask):
                                  self.config.loss)[0]
 
     def after_export(self, out: Path, tokenizer: Any, strategy: Any) -> dict[str, Any]:
-        cache = self._cache
-        return {"frozen_prefix_cache": cache.stats() if cache is not None and cache.enabled else None}
+        return {"frozen_prefix_cache": self.cache.stats() if self.cache and self.cache.enabled else None}
 
     @property
     def helpfulness(self) -> int:
@@ -214,9 +178,8 @@ def run(cfg: RewardConfig) -> StageResult:
               "skipped": len(skipped), "skipped_by_reason": rd.count_reasons(skipped),
               "truncated": truncated, "train_total": train.total, "val_total": val.total if val else 0}
     print(f"[train-reward] wrote {out}/model; loss {summary.get('first_loss')} -> {summary.get('last_loss')}")
-    training = {k: summary.get(k) for k in ("steps", "strategy", "precision", "world_size", "params",
-                                            "trainable_params", "first_loss", "last_loss", "tokens_per_s", "mfu",
-                                            "frozen_prefix_cache")}
+    training = {k: summary.get(k) for k in ("steps", "strategy", "precision", "world_size", "params", "trainable_params",
+                                            "first_loss", "last_loss", "tokens_per_s", "mfu", "frozen_prefix_cache")}
     return StageResult(
         {"out": str(out), "loss": cfg.loss, "counts": counts, **training, "val": summary.get("val")},
         {"loss": cfg.loss, "attributes": cfg.attributes, "counts": counts,

@@ -69,7 +69,9 @@ class SFTTask(TrainTask):
         return int((batch["labels"] != IGNORE_INDEX).sum())  # token-mean over the trained tokens
 
     def loss_sum(self, prepared: Any, batch: dict[str, Any]) -> Any:
-        return answer_loss_sum(prepared, batch)
+        with prepared.strategy.autocast():  # the lm_head runs on the trained positions only, where it can
+            return trained_token_nll(prepared.module, batch["input_ids"], batch["attention_mask"],
+                                     batch["labels"])[0].sum()
 
     def evaluate(self, prepared: Any, rows: Any, pad_id: int) -> dict[str, Any]:
         def score(batch: dict[str, Any]) -> tuple[float, int]:
@@ -92,15 +94,6 @@ class SFTTask(TrainTask):
     def after_export(self, out: Path, tokenizer: Any, strategy: Any) -> dict[str, Any]:
         count = write_samples(out, self.config, tokenizer, strategy.device, strategy.compute_dtype)
         return {"samples": str(out / "samples.md") if count else None, "sample_count": count}
-
-
-def answer_loss_sum(prepared: Any, batch: dict[str, Any], *, trained_only: bool | None = None) -> Any:
-    """Summed next-token cross entropy over the answer tokens; ``trained_only`` as in ``trained_token_nll``
-    (the default projects only the trained positions wherever transformers can)."""
-    with prepared.strategy.autocast():
-        nll, _ = trained_token_nll(prepared.module, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                                   trained_only)
-    return nll.sum()
 
 
 # 2. Samples: what the model learned, at each steering setting, for fixed prompts (rank 0, exported model).

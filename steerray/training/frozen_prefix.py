@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from steerray.models.layer_slices import backbone_of, hidden_before_layer, layer_list_name
+from steerray.models.reward import reward_forward
 from steerray.training.strategy import decoder_layers
 
 log = logging.getLogger("steerray")
@@ -56,6 +57,11 @@ class FrozenPrefixCache:
         self.checked = False
         self.enabled = self.budget > 0 and self.layer > 0 and layer_list_name(self.backbone) is not None and \
             not _has_dropout(decoder_layers(model)[: self.layer])
+
+    @classmethod
+    def for_training(cls, prepared: Any, budget_mb: float) -> FrozenPrefixCache:
+        """FSDP2 and DeepSpeed get none: their hooks gather the sharded layers only through the root's forward."""
+        return cls(prepared.model, budget_mb if prepared.strategy.kind in ("ddp", "single") else 0)
 
     def hidden(self, keys: Sequence[int], input_ids: Any, attention_mask: Any) -> Any:
         """Right-padded ``[B, T, H]`` hidden states entering the first trained layer, for rows ``keys``."""
@@ -102,3 +108,23 @@ class FrozenPrefixCache:
     def stats(self) -> dict[str, Any]:
         return {"prefix_cache_rows": len(self.rows), "prefix_cache_mb": round(self.bytes / 1024**2, 1),
                 "prefix_cache_hits": self.hits, "prefix_cache_misses": self.misses}
+
+
+def reward_predictions(cache: FrozenPrefixCache, prepared: Any, batch: dict[str, Any]) -> Any:
+    """A training micro-batch's reward predictions: the frozen layers' output of a row seen before comes from
+    ``cache`` (``batch["keys"]`` name the rows), so only the trained layers run; the whole model where the
+    cache is off or its one check fails."""
+    import torch
+
+    strategy = prepared.strategy
+    ids, mask = batch["input_ids"].to(strategy.device), batch["attention_mask"].to(strategy.device)
+    with strategy.autocast():
+        if cache.enabled:
+            hidden = cache.hidden(batch["keys"], ids, mask)
+            if not cache.checked:
+                with torch.no_grad():
+                    sliced = reward_forward(prepared.model, ids, mask, hidden, cache.layer)
+                    cache.agrees(sliced, reward_forward(prepared.model, ids, mask), strategy.precision)
+            if cache.enabled:
+                return prepared.module(ids, mask, hidden=hidden, from_layer=cache.layer)
+        return prepared.module(ids, mask)

@@ -265,7 +265,8 @@ def collate_regression(rows: dict[str, list[Any]], indices: Sequence[int], pad_i
 
     ids, mask = pad_batch([rows["input_ids"][i] for i in indices], pad_id)
     labels = torch.as_tensor(np.stack([np.asarray(rows["label"][i], dtype=np.float32) for i in indices]))
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": int(mask.sum())}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "tokens": int(mask.sum()),
+            "keys": [int(i) for i in indices]}  # which rows: the frozen-prefix cache's keys
 
 
 def collate_pairs(rows: dict[str, list[Any]], indices: Sequence[int], pad_id: int) -> dict[str, Any]:
@@ -276,4 +277,5 @@ def collate_pairs(rows: dict[str, list[Any]], indices: Sequence[int], pad_id: in
     ids, mask = pad_batch(seqs, pad_id)
     strength = torch.as_tensor(np.asarray([rows["strength"][i] for i in indices], dtype=np.float32))
     return {"input_ids": ids, "attention_mask": mask, "strength": strength, "pairs": len(indices),
-            "tokens": int(mask.sum())}
+            "tokens": int(mask.sum()),
+            "keys": [2 * int(i) for i in indices] + [2 * int(i) + 1 for i in indices]}  # chosen, then rejected

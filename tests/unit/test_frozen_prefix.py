@@ -10,7 +10,7 @@ import torch
 from steerray.config import LoraConfig, RewardConfig, ScalingConfig, load_config
 from steerray.models.reward import build_reward_model, reward_readout
 from steerray.stages.train_reward import RewardTask
-from steerray.training.frozen_prefix import FrozenPrefixCache, first_trained_layer
+from steerray.training.frozen_prefix import FrozenPrefixCache, first_trained_layer, reward_predictions
 from steerray.training.losses import masked_mse_sum
 from steerray.training.strategy import prepare_model, resolve_strategy
 
@@ -39,7 +39,7 @@ def _task_and_model(tiny_model_dir, budget_mb: float = 64.0, last_layers: int | 
 def _loss_and_grads(task, prepared, batch, cached: bool):
     for p in prepared.module.parameters():
         p.grad = None
-    preds = task.train_predict(prepared, batch) if cached else task.predict(prepared, batch)
+    preds = reward_predictions(task.cache, prepared, batch) if cached else task.predict(prepared, batch)
     loss = masked_mse_sum(preds, batch["labels"])[0]
     loss.backward()
     grads = [p.grad.clone() for p in prepared.module.parameters() if p.requires_grad]
@@ -49,7 +49,7 @@ def _loss_and_grads(task, prepared, batch, cached: bool):
 def test_cached_rows_give_the_whole_models_predictions_loss_and_gradients(tiny_model_dir):
     task, prepared = _task_and_model(tiny_model_dir)
     rows = _rows()
-    cache = task.prefix_cache(prepared)
+    cache = task.cache = FrozenPrefixCache.for_training(prepared, task.config.train.frozen_prefix_cache_mb)
     assert cache.enabled and cache.layer == 1  # tiny-llama has 2 layers; LoRA on the top one
     for indices in ([0, 1, 2], [2, 3, 0], [5, 4, 1, 0]):  # misses, then a mix of hits and misses in new widths
         batch = task.micro_batch(rows, indices, 0, torch.device("cpu"))
@@ -69,10 +69,11 @@ def test_budget_caps_what_is_kept_and_rows_beyond_it_still_score_right(tiny_mode
     task, prepared = _task_and_model(tiny_model_dir, budget_mb=2 * row_mb)
     rows = _rows()
     batch = task.micro_batch(rows, [0, 1, 2, 3, 4], 0, torch.device("cpu"))
+    task.cache = FrozenPrefixCache.for_training(prepared, task.config.train.frozen_prefix_cache_mb)
     for _ in range(2):
-        preds = task.train_predict(prepared, batch).detach()
+        preds = reward_predictions(task.cache, prepared, batch).detach()
         torch.testing.assert_close(preds, task.predict(prepared, batch).detach(), rtol=1e-5, atol=1e-5)
-    cache = task.prefix_cache(prepared)
+    cache = task.cache
     assert 0 < len(cache.rows) < 5 and cache.bytes <= cache.budget  # some rows kept, not all five
     assert cache.misses == 10 - cache.hits and cache.hits == len(cache.rows)
 
@@ -80,9 +81,9 @@ def test_budget_caps_what_is_kept_and_rows_beyond_it_still_score_right(tiny_mode
 def test_no_cache_where_nothing_below_the_trained_layers_is_frozen(tiny_model_dir):
     task, prepared = _task_and_model(tiny_model_dir, last_layers=None)
     assert first_trained_layer(prepared.model) == 0
-    assert not task.prefix_cache(prepared).enabled
+    assert not FrozenPrefixCache.for_training(prepared, 64).enabled
     task, prepared = _task_and_model(tiny_model_dir, budget_mb=0)
-    assert not task.prefix_cache(prepared).enabled
+    assert not FrozenPrefixCache.for_training(prepared, task.config.train.frozen_prefix_cache_mb).enabled
 
 
 def test_a_sliced_forward_that_disagrees_turns_the_cache_off(tiny_model_dir):

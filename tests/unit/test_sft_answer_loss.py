@@ -12,9 +12,8 @@ from steerray.config import LoraConfig
 from steerray.data.demo import demo_conversation
 from steerray.data.sft import IGNORE_INDEX, example_from_json
 from steerray.models.loading import load_causal_lm, load_tokenizer
-from steerray.stages.train_sft import answer_loss_sum
 from steerray.training.batching import collate_sft
-from steerray.training.losses import projects_chosen_positions
+from steerray.training.losses import projects_chosen_positions, trained_token_nll
 from steerray.training.steerlm2 import row_nll, sequence_nll
 from steerray.training.strategy import Strategy, prepare_model
 
@@ -23,7 +22,8 @@ def _loss_and_grads(prepared, batch, trained_only: bool) -> tuple[float, list[to
     params = [p for p in prepared.module.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
-    loss = answer_loss_sum(prepared, batch, trained_only=trained_only)
+    loss = trained_token_nll(prepared.module, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                             trained_only)[0].sum()
     loss.backward()
     return float(loss.detach()), [p.grad.clone() for p in params]
 
