@@ -1,17 +1,14 @@
 """Stage `train-reward`: the attribute-prediction reward model on Ray Train, regression or Bradley-Terry.
 
 Launch it through the CLI (embedded Ray by default, --address to submit to a cluster):
-
     steerray train-reward --config demo/reward --data runs/exp/prepare --out runs/exp/reward \
         [train.max_steps=50 lora.enabled=true loss=scaled_bt ...]
-
 or as a Ray job:  ray job submit -- python -m steerray.stages.train_reward --config CONFIG.yaml
 
-Reads `data/regression/` (loss=regression: masked MSE over labelled cells) or `data/preference/` (loss=
-scaled_bt | regular_bt | margin_bt on explicit pairs, reward = the helpfulness output). Writes under `out`:
-model/ (Hugging Face sequence-classification folder + tokenizer), metrics.jsonl, checkpoints/ (re-running
-the same command resumes from the last one), rejects.jsonl, manifest.json (last). On a multi-node cluster
-`out` and `data` must be on storage every node sees (rank 0 writes the model).
+Reads `data/regression/` (loss=regression: masked MSE over labelled cells) or `data/preference/` (loss=scaled_bt,
+regular_bt or margin_bt on explicit pairs, reward = the helpfulness output). Writes under `out`: model/ (a Hugging
+Face sequence-classification folder + tokenizer), metrics.jsonl, checkpoints/ (the same command again resumes),
+rejects.jsonl, manifest.json (last). On a multi-node cluster `out` and `data` must be on storage every node sees.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ from steerray.models.reward import RewardModelError, build_reward_model, reward_
 from steerray.runtime import init_ray
 from steerray.stages import StageResult, job_main
 from steerray.training import reward_data as rd
-from steerray.training.frozen_prefix import FrozenPrefixCache, reward_predictions
+from steerray.training.frozen_prefix import FrozenPrefixCache, keeps_frozen_prefixes, reward_predictions
 from steerray.training.launcher import Fit, fit
 from steerray.training.loop import TrainTask, sharded_eval
 from steerray.training.losses import bradley_terry_loss, bradley_terry_sum, masked_mse_sum
@@ -87,6 +84,9 @@ class RewardTask(TrainTask):
         rewards, pairs = preds[:, self.helpfulness].float(), batch["pairs"]
         return bradley_terry_sum(rewards[:pairs], rewards[pairs:], batch["strength"].to(preds.device),
                                  self.config.loss)[0]
+
+    def row_affinity(self) -> bool:  # a row's cached frozen layers stay on the worker that computed them
+        return keeps_frozen_prefixes(self.config)
 
     def after_export(self, out: Path, tokenizer: Any, strategy: Any) -> dict[str, Any]:
         return {"frozen_prefix_cache": self.cache.stats() if self.cache and self.cache.enabled else None}

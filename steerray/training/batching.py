@@ -6,7 +6,10 @@ Every worker holds the same rows (in the same order) and computes the same plan,
   ``perm[(s % steps_per_epoch) * G : ... + G]`` of epoch ``s // steps_per_epoch`` (G = global batch);
 - those G rows are sorted by length and cut into ``world_size * accumulation`` micro-batches of
   ``micro_batch`` rows each (similar lengths together: little padding), dealt to workers in snake order
-  so every worker gets a similar number of tokens.
+  so every worker gets a similar number of tokens. With ``row_affinity`` (train-reward's frozen-prefix
+  cache) each worker instead owns the rows ``row % world_size == rank``, takes its share of every step from
+  its own seeded permutation of them and groups them by length itself: a row comes back to the worker that
+  cached it.
 
 Because the plan is a pure function of ``(step, seed)``, resuming at step ``s`` replays exactly the rows
 an uninterrupted run would have seen: no iterator state to checkpoint. Grouping happens *within* a
@@ -66,13 +69,32 @@ class StepPlan:
     micro_batches: list[np.ndarray]  # row indices of this worker's micro-batches for this step
 
 
+def owned_rows(num_rows: int, epoch: int, seed: int, world_size: int, rank: int, start: int, count: int) -> np.ndarray:
+    """Rows ``start .. start + count`` of an epoch's seeded permutation of the rows ``rank`` owns (``row %
+    world_size == rank``): with ``world_size`` workers taking ``count`` each, a step's rows, stratified by owner."""
+    mine = np.arange(rank, num_rows, world_size)
+    return mine[np.random.default_rng([seed, epoch, rank]).permutation(len(mine))][start: start + count]
+
+
 def plan_step(lengths: Sequence[int] | np.ndarray, step: int, *, global_batch: int, micro_batch: int,
-              world_size: int = 1, rank: int = 0, seed: int = 0, length_grouping: bool = True) -> StepPlan:
-    """This worker's micro-batches (row indices) for optimizer step ``step`` (0-based)."""
+              world_size: int = 1, rank: int = 0, seed: int = 0, length_grouping: bool = True,
+              row_affinity: bool = False) -> StepPlan:
+    """This worker's micro-batches (row indices) for optimizer step ``step`` (0-based).
+
+    ``row_affinity`` sends a row to the same worker every epoch (:func:`owned_rows`), for a task that keeps
+    per-row work on its worker (train-reward's frozen-prefix cache): a step then takes an equal share of rows
+    from each worker's rows (another sample than without it, as random) and each worker groups its own by length.
+    """
     lengths = np.asarray(lengths)
     accumulation_steps(global_batch, micro_batch, world_size)
     per_epoch = steps_per_epoch(len(lengths), global_batch)
     epoch, within = divmod(step, per_epoch)
+    if row_affinity and world_size > 1:
+        share = global_batch // world_size  # per_epoch * share <= rows // world_size: every worker owns enough
+        mine = owned_rows(len(lengths), epoch, seed, world_size, rank, within * share, share)
+        if length_grouping:
+            mine = mine[np.argsort(-lengths[mine], kind="stable")]
+        return StepPlan(step, epoch, [mine[i: i + micro_batch] for i in range(0, len(mine), micro_batch)])
     rows = epoch_permutation(len(lengths), epoch, seed)[within * global_batch: (within + 1) * global_batch]
     if length_grouping:
         rows = rows[np.argsort(-lengths[rows], kind="stable")]

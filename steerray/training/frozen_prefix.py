@@ -37,6 +37,11 @@ def first_trained_layer(model: Any) -> int:
     return 0
 
 
+def keeps_frozen_prefixes(config: Any) -> bool:
+    """Whether a run's workers may cache frozen prefixes (a sharded strategy still turns it off later)."""
+    return config.train.frozen_prefix_cache_mb > 0 and bool(config.lora.enabled and config.lora.last_layers)
+
+
 def _has_dropout(modules: Sequence[Any]) -> bool:
     """Active dropout below the trained layers would make their output differ every epoch."""
     import torch.nn as nn

@@ -89,6 +89,11 @@ class TrainTask:
         """Validation metrics over every row exactly once across workers (a collective)."""
         raise NotImplementedError
 
+    def row_affinity(self) -> bool:
+        """Deal each row to the same worker every epoch where it can (``plan_step``): for a task that keeps
+        per-row work on the worker that did it."""
+        return False
+
     def step_metrics(self, strategy: Strategy) -> dict[str, Any]:
         """Extra numbers for the step's metrics row, after its optimizer step; called on every worker, so a
         task that gathers numbers in ``loss_sum`` reduces them here (``strategy.all_reduce_sum``)."""
@@ -285,7 +290,7 @@ def one_step(task: TrainTask, prepared: PreparedModel, stepper: Any, rows: Rows,
     train, strategy = task.config.train, prepared.strategy
     plan = plan_step(rows["length"], step, global_batch=train.global_batch_size, micro_batch=train.micro_batch_size,
                      world_size=strategy.world_size, rank=strategy.rank, seed=train.seed,
-                     length_grouping=train.length_grouping)
+                     length_grouping=train.length_grouping, row_affinity=task.row_affinity())
     batches = [task.micro_batch(rows, indices, pad_id, strategy.device) for indices in plan.micro_batches]
     # The loss is a mean over the whole global batch: count its units on every worker first.
     global_units = strategy.all_reduce_sum([sum(task.units(b) for b in batches)])[0]

@@ -15,12 +15,14 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from steerray.artifacts import read_jsonl, read_manifest
 from steerray.cli import app
+from steerray.training.batching import plan_step
 
 pytestmark = pytest.mark.ray
 runner = CliRunner()
@@ -140,9 +142,17 @@ def test_scaled_bt_stage_two_with_lora_keeps_the_head(tiny_run, tmp_path):
     assert manifest["loss"] == "scaled_bt" and manifest["inputs"]["kind"] == "preference"
     assert manifest["training"]["strategy"] == "ddp"
     assert 0 < manifest["training"]["trainable_params"] < manifest["training"]["params"]  # LoRA
-    # LoRA on the top layer only: rank 0 kept the layer below's output of its rows and reused it in epoch 2
-    cache = manifest["training"]["frozen_prefix_cache"]
-    assert cache["prefix_cache_rows"] > 0 and cache["prefix_cache_hits"] > 0
+    # LoRA on the top layer only: rank 0 kept the layer below's output of its rows and reused it in epoch 2.
+    # Row affinity brings each row back to it, so every revisit hits: misses = its distinct rows (x2: chosen
+    # and rejected), hits = its other visits.
+    cache, train = manifest["training"]["frozen_prefix_cache"], yaml.safe_load((out / "config.yaml").read_text())["train"]
+    visits = [int(r) for step in range(8) for batch in plan_step(
+        np.zeros(manifest["counts"]["train_rows"]), step, global_batch=train["global_batch_size"],
+        micro_batch=train["micro_batch_size"], world_size=manifest["training"]["world_size"], rank=0,
+        seed=train["seed"], row_affinity=True).micro_batches for r in batch]
+    assert manifest["training"]["world_size"] == 2 and len(set(visits)) < len(visits)
+    assert cache["prefix_cache_misses"] == 2 * len(set(visits)) == cache["prefix_cache_rows"]
+    assert cache["prefix_cache_hits"] == 2 * (len(visits) - len(set(visits)))
     val = manifest["metrics"]["val"]
     assert val["n_pairs"] == 16 and val["accuracy"] is not None and val["loss"] >= 0
     model = AutoModelForSequenceClassification.from_pretrained(out / "model")

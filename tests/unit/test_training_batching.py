@@ -61,6 +61,41 @@ def test_length_grouping_keeps_the_rows_and_cuts_padding():
     assert padding_efficiency(lengths, grouped) > 0.9 > padding_efficiency(lengths, plain)
 
 
+def _cache_hit_share(lengths, steps, world_size, row_affinity):
+    """Share of row visits that find the row already seen on the same worker (an unbounded per-worker cache)."""
+    seen = [set() for _ in range(world_size)]
+    hits = visits = 0
+    for step in range(steps):
+        for rank in range(world_size):
+            plan = plan_step(lengths, step, global_batch=16, micro_batch=4, world_size=world_size, rank=rank,
+                             seed=1234, row_affinity=row_affinity)
+            for row in np.concatenate(plan.micro_batches).tolist():
+                hits += row in seen[rank]
+                visits += 1
+                seen[rank].add(row)
+    return hits / visits
+
+
+def test_row_affinity_brings_every_row_back_to_the_worker_that_first_saw_it():
+    rng = np.random.default_rng(2)
+    lengths = rng.integers(20, 256, size=536)  # the demo's reward data: 536 rows, 96 steps of 16 (2.9 epochs)
+    kw = dict(global_batch=16, micro_batch=4, world_size=2, seed=1234, row_affinity=True)
+    in_epoch: list[int] = []
+    for step in range(steps_per_epoch(536, 16)):
+        plans = [plan_step(lengths, step, rank=rank, **kw) for rank in range(2)]
+        assert all([len(mb) for mb in p.micro_batches] == [4, 4] for p in plans)  # same accumulation
+        for rank, plan in enumerate(plans):
+            for mb in plan.micro_batches:  # a worker's own rows, grouped by length
+                assert all(r % 2 == rank for r in mb) and list(lengths[mb]) == sorted(lengths[mb], reverse=True)
+            in_epoch += np.concatenate(plan.micro_batches).tolist()
+    assert len(in_epoch) == len(set(in_epoch)) == 33 * 16  # no row twice within an epoch, as without it
+    # 536 rows visited 1,536 times: at most 1 - 536 / 1536 = 65.1% of the visits can find their row cached.
+    assert _cache_hit_share(lengths, 96, 2, False) < 0.55 and _cache_hit_share(lengths, 96, 2, True) > 0.65
+    one_worker = dict(global_batch=16, micro_batch=4, world_size=1, seed=1)
+    assert [m.tolist() for m in plan_step(lengths, 3, row_affinity=True, **one_worker).micro_batches] == \
+        [m.tolist() for m in plan_step(lengths, 3, **one_worker).micro_batches]
+
+
 def test_eval_batches_cover_every_row_once_with_equal_counts():
     lengths = np.arange(13)  # 7 batches of <= 2 over 3 workers: 3 each, 2 of them fillers
     per_rank = [eval_micro_batches(lengths, 2, world_size=3, rank=r) for r in range(3)]
