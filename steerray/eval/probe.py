@@ -18,6 +18,8 @@ import numpy as np
 
 from steerray.attributes import encode_label, parse_label, restrict_label
 from steerray.templates import ASSISTANT_ROLE, STOP_STRING, USER_ROLE, generation_prompt
+from steerray.training.losses import IGNORE_INDEX
+from steerray.training.steerlm2 import response_nll
 
 
 @dataclass(frozen=True)
@@ -49,24 +51,20 @@ def probe_items(conversations: Sequence[Mapping[str, Any]], label_attributes: Se
 
 
 def answer_logprobs(model: Any, tokenizer: Any, prompts: Sequence[str], answer: str) -> np.ndarray:
-    """Sum of the log-probabilities of ``answer`` + the stop marker after each prompt (one forward pass)."""
-    import torch
+    """Sum of the log-probabilities of ``answer`` + the stop marker after each prompt (one batch).
 
+    The training NLL computes it (``response_nll``): only the answer's positions are projected onto the
+    vocabulary, not the prompt's, which is most of each row here.
+    """
     continuation = tokenizer(answer + "\n" + STOP_STRING, add_special_tokens=False)["input_ids"]
-    rows = [tokenizer(p, add_special_tokens=False)["input_ids"] + continuation for p in prompts]
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id or 0
-    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None].to(device))[..., 0]
-    totals = []
-    for row, full in enumerate(rows):
-        start = len(full) - len(continuation)  # targets start at the first answer token
-        totals.append(float(logprobs[row, start - 1: len(full) - 1].sum()))
-    return np.asarray(totals)
+    rows, labels = [], []
+    for prompt in prompts:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        rows.append(ids + continuation)
+        # Shifted labels: position t predicts token t + 1; the last prompt token predicts the first answer token.
+        labels.append([IGNORE_INDEX] * (len(ids) - 1) + continuation + [IGNORE_INDEX])
+    nll = response_nll(model, rows, labels, tokenizer.pad_token_id or 0, micro_batch=len(rows))
+    return -nll.double().numpy()
 
 
 def probe_policy(model: Any, tokenizer: Any, items: Sequence[ProbeItem], attributes: Sequence[str],
