@@ -11,8 +11,11 @@ a few tokens, so that run measures mostly prefill):
 
 1. baseline:  steerray's TransformersEngine in fp32, all requests at once
 2. hf-bf16:   the same in bf16 (precision auto on CPUs with AVX512-BF16/AMX)
-3. vllm-fp32: steerray's VLLMEngine in fp32
-4. vllm-bf16: steerray's VLLMEngine in bf16 (precision auto on such CPUs)
+3. vllm-fp32: steerray's VLLMEngine in fp32 (what ``steerray serve --engine vllm`` runs)
+4. offline-fp32: vLLM's own offline ``LLM.generate``, the same engine arguments, one call: the ceiling
+   for row 3
+5. vllm-bf16, offline-bf16: the same two in bf16 (precision auto on such CPUs; by default only where the
+   CPU computes bf16 natively, ``--precision`` to choose)
 
 Prints start-up time, generated tokens/s and its ratio to the baseline, and how many leading tokens of
 each answer equal the baseline's (fp32 vs fp32 should agree token for token; bf16 drifts).
@@ -67,6 +70,39 @@ def run_engine(engine, prompts: list[str], max_tokens: int) -> tuple[float, list
         loop.close()
 
 
+def run_offline(model: str, prompts: list[str], max_tokens: int, precision: str, max_batch_size: int,
+                max_model_len: int) -> tuple[float, float, list]:
+    """vLLM's own offline ``LLM.generate``, set up as steerray's engine sets vLLM up, all prompts in one call
+    after a warm-up: (start-up seconds, seconds, completions). What the engine adds on top of vLLM shows
+    as the gap between this row and the ``vllm-*`` row of the same precision."""
+    from types import SimpleNamespace
+
+    import vllm
+    from transformers import AutoConfig
+
+    from steerray.models.loading import resolve_model
+    from steerray.serving.engines import vllm_build
+    from steerray.serving.openai_schema import stop_strings
+    from steerray.serving.vllm_engine import engine_args, vllm_dtype
+
+    source = resolve_model(model)
+    device = "cpu" if vllm_build() == "cpu" else "cuda"
+    started = time.perf_counter()
+    llm = vllm.LLM(**engine_args(source, AutoConfig.from_pretrained(source), device=device,
+                                 dtype=vllm_dtype(precision, device), max_model_len=max_model_len,
+                                 max_batch_size=max_batch_size))
+    startup = time.perf_counter() - started
+    # Token ids, as the engine sends them: steerray tokenizes without BOS, as in training.
+    inputs = [{"prompt_token_ids": llm.get_tokenizer()(p, add_special_tokens=False)["input_ids"]} for p in prompts]
+    llm.generate(inputs[:1], vllm.SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    params = vllm.SamplingParams(temperature=0, max_tokens=max_tokens, stop=list(stop_strings()))
+    started = time.perf_counter()
+    outputs = llm.generate(inputs, params, use_tqdm=False)
+    seconds = time.perf_counter() - started
+    return startup, seconds, [SimpleNamespace(text=o.outputs[0].text, completion_tokens=len(o.outputs[0].token_ids))
+                              for o in outputs]
+
+
 def agreeing_tokens(tokenizer, text: str, reference: str) -> int:
     """Tokens of the longest common prefix of two answers (what greedy decoding agrees on)."""
     common = 0
@@ -83,17 +119,28 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--eager", action="store_true", help="vLLM without torch.compile")
     parser.add_argument("--format", choices=["chatml", "steerlm"], default="chatml", help="prompt format")
+    parser.add_argument("--precision", default=None,
+                        help="comma-separated fp32,bf16 (default: bf16 too only where the CPU computes it natively)")
     args = parser.parse_args()
     if args.eager:
         os.environ["STEERRAY_VLLM_EAGER"] = "1"
 
     from steerray.models.loading import resolve_model
+    from steerray.models.precision import cpu_has_native_bf16
     from steerray.serving.engines import TransformersEngine
     from steerray.serving.factory import make_engine
 
     model, prompts = resolve_model(args.model), prompts_for(args.prompts, args.format)
+    precisions = (args.precision or ("fp32,bf16" if cpu_has_native_bf16() else "fp32")).split(",")
+    names = ["baseline"] + ["hf-bf16"] * ("bf16" in precisions) + [
+        f"{kind}-{p}" for p in precisions for kind in ("vllm", "offline")]
     rows = []
-    for name in ("baseline", "hf-bf16", "vllm-fp32", "vllm-bf16"):
+    for name in names:
+        if name.startswith("offline"):
+            startup, seconds, results = run_offline(model, prompts, args.max_tokens, name.split("-")[1],
+                                                    args.prompts, 1024)
+            rows.append((name, startup, seconds, results))
+            continue
         started = time.perf_counter()
         if not name.startswith("vllm"):
             engine = TransformersEngine(model, max_batch_size=args.prompts, batch_wait_ms=50,

@@ -91,6 +91,21 @@ def _eager() -> bool:
     return os.environ.get(EAGER_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
+def engine_args(source: str, config: Any, *, device: str, dtype: str, max_model_len: int, max_batch_size: int,
+                trust_remote_code: bool = False, gpu_memory_utilization: float = 0.85) -> dict[str, Any]:
+    """vLLM's engine arguments as steerray sets them (``vllm.AsyncEngineArgs`` or ``vllm.LLM`` take them); on
+    a CPU it also sets :func:`cpu_environment`, which vLLM reads when its engine process starts."""
+    args: dict[str, Any] = dict(model=source, tokenizer=source, dtype=dtype, max_model_len=max_model_len,
+                                max_num_seqs=max_batch_size, trust_remote_code=trust_remote_code,
+                                disable_log_stats=True, enforce_eager=_eager())
+    if device == "cpu":
+        os.environ.update(cpu_environment())
+        args["kv_cache_memory_bytes"] = kv_cache_bytes(config, max_model_len, max_batch_size, dtype)
+    else:
+        args["gpu_memory_utilization"] = gpu_memory_utilization
+    return args
+
+
 def _import_vllm() -> Any:
     """The vllm module, or an EngineError saying why it does not import and what to use instead."""
     try:
@@ -122,15 +137,9 @@ class VLLMEngine(Engine):
         self.dtype = vllm_dtype(precision, self.device)
         self._closed = False
         self._stats = {"requests": 0, "failed": 0, "tokens_generated": 0}
-        args = dict(model=source, tokenizer=source, dtype=self.dtype, max_model_len=self.max_model_len,
-                    max_num_seqs=max_batch_size, trust_remote_code=trust_remote_code, disable_log_stats=True,
-                    enforce_eager=_eager())
-        if self.device == "cpu":
-            os.environ.update(cpu_environment())
-            args["kv_cache_memory_bytes"] = kv_cache_bytes(config, self.max_model_len, max_batch_size,
-                                                           self.dtype)
-        else:
-            args["gpu_memory_utilization"] = gpu_memory_utilization
+        args = engine_args(source, config, device=self.device, dtype=self.dtype, max_model_len=self.max_model_len,
+                           max_batch_size=max_batch_size, trust_remote_code=trust_remote_code,
+                           gpu_memory_utilization=gpu_memory_utilization)
         try:
             self.engine = vllm.AsyncLLMEngine.from_engine_args(vllm.AsyncEngineArgs(**args))
         except Exception as err:  # noqa: BLE001 - vLLM raises many kinds; the reason is in the message
