@@ -186,31 +186,39 @@ def stage_config(args: argparse.Namespace, stage: str, data: str, out: Path, pre
     return load_config(cls, PRESETS[stage], overrides + [f"optim.min_lr={config.optim.lr}"])
 
 
+def stage_micro_batches(lengths: Any, cfg: Any, step: int) -> list[Any]:
+    """Every worker's micro-batches of optimizer step ``step``, as the stage plans them. Only train-reward's row
+    affinity (with its frozen-prefix cache) makes which rows form a step depend on the number of workers."""
+    import torch
+
+    from steerray.config import RewardConfig
+    from steerray.training.batching import plan_step
+    from steerray.training.frozen_prefix import keeps_frozen_prefixes
+    from steerray.training.strategy import plan_ray_scaling
+
+    affinity = isinstance(cfg, RewardConfig) and keeps_frozen_prefixes(cfg)
+    world = plan_ray_scaling(cfg.scaling, torch.cuda.device_count()).num_workers
+    return [mb for rank in range(world) for mb in plan_step(
+        lengths, step, global_batch=cfg.train.global_batch_size, micro_batch=cfg.train.micro_batch_size,
+        world_size=world, rank=rank, seed=cfg.train.seed, length_grouping=cfg.train.length_grouping,
+        row_affinity=affinity).micro_batches]
+
+
 def step_rows(lengths: Any, cfg: Any) -> list[Any]:
-    """Row indices of each optimizer step of steerray's plan, in plan order (the grouping by length only
-    reorders rows within a step, so these are the rows steerray trains on at every world size)."""
+    """Row indices of each optimizer step of steerray's plan (the peer accumulates a step's rows in one process,
+    so their order within the step does not matter)."""
     import numpy as np
 
-    from steerray.training.batching import plan_step
-
-    return [np.concatenate(plan_step(lengths, s, global_batch=cfg.train.global_batch_size,
-                                     micro_batch=cfg.train.micro_batch_size, seed=cfg.train.seed,
-                                     length_grouping=False).micro_batches) for s in range(cfg.train.max_steps)]
+    return [np.concatenate(stage_micro_batches(np.asarray(lengths), cfg, s)) for s in range(cfg.train.max_steps)]
 
 
 def steerray_computed(lengths: Any, cfg: Any, multiple_of: int) -> list[int]:
     """Tokens steerray's micro-batches compute per step, padding included (grouped as the stage groups them)."""
     import numpy as np
 
-    from steerray.training.batching import plan_step
-
     lengths = np.asarray(lengths)
-    out = []
-    for s in range(cfg.train.max_steps):
-        plan = plan_step(lengths, s, global_batch=cfg.train.global_batch_size, micro_batch=cfg.train.micro_batch_size,
-                         seed=cfg.train.seed, length_grouping=cfg.train.length_grouping)
-        out.append(sum(-(-int(lengths[mb].max()) // multiple_of) * multiple_of * len(mb) for mb in plan.micro_batches))
-    return out
+    return [sum(-(-int(lengths[mb].max()) // multiple_of) * multiple_of * len(mb)
+                for mb in stage_micro_batches(lengths, cfg, s)) for s in range(cfg.train.max_steps)]
 
 
 @dataclass
