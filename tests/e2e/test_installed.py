@@ -1,7 +1,8 @@
 """steerray as users install it: a wheel in a fresh virtualenv, no checkout, run from an empty folder.
 
 1. `pip install dist/steerray-*.whl` into a new venv, then `steerray pipeline --config tiny --run t` in an
-   empty folder finishes, and running it again skips every stage.
+   empty folder, interrupted with Ctrl-C in SFT: the same command resumes it to the end (report, bootstrap
+   model), and once more skips every stage without starting Ray.
 2. A local `ray start --head` (loopback, dashboard on): `steerray prepare --address ...` and `ray job submit
    ... -- python -m steerray.stages.prepare --config FILE` both finish, and the job ran the installed package
    (the manifest records where steerray was imported from), not an uploaded working tree.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -76,22 +79,78 @@ TINY_DISABLED = ["evaluate_reward", "steerlm2"]
 
 def summary_actions(run: Path) -> dict[str, str]:
     summary = json.loads((run / "summary.json").read_text())
+    # the box's matmul speed, at the start and the end, stands beside the run's times
+    assert all(summary["box"][when][f"matmul_gflops_{p}"] > 0 for when in ("at_start", "at_end") for p in ("fp32", "bf16"))
     return {s["name"]: s["action"] for s in summary["stages"]}
 
 
-def test_pipeline_from_an_empty_folder_finishes_and_then_skips_everything(installed, tmp_path):
+def start_and_interrupt_in_sft(command: list[str], cwd: Path, env: dict[str, str], run: Path) -> str:
+    """Run the pipeline and press Ctrl-C once the SFT stage has started training; its output."""
+    log = cwd.parent / f"{cwd.name}-first.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        marker = run / "sft" / "checkpoints"
+        deadline = time.time() + 600
+        while proc.poll() is None and not marker.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            assert proc.wait(timeout=120) != 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("the pipeline did not stop on Ctrl-C within 2 minutes")
+    return log.read_text()
+
+
+def test_pipeline_from_an_empty_folder_interrupted_resumed_and_skipped(installed, tmp_path):
+    """As a new user runs it: the installed `steerray pipeline --config tiny --run t` in an empty folder, Ctrl-C
+    in SFT, the same command resumes it to the end, and once more skips everything."""
     env = clean_env(installed)
     command = [str(installed["steerray"]), "pipeline", "--config", "tiny", "--run", "t"]
     run = tmp_path / "runs" / "t"
-    first = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
-    assert first.returncode == 0, first.stderr[-4000:]
-    expected = {name: "ran" for name in TINY_ENABLED} | {name: "disabled" for name in TINY_DISABLED}
-    assert summary_actions(run) == expected
-    second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    first = start_and_interrupt_in_sft(command, tmp_path, env, run)
+    assert "resume with:" in first, first[-3000:]
+    for stage in ("prepare", "reward", "annotate"):
+        assert (run / stage / "manifest.json").is_file(), stage
+    assert not (run / "sft" / "manifest.json").exists()
+    assert summary_actions(run)["sft"] == "interrupted"
+
+    second = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert second.returncode == 0, second.stderr[-4000:]
-    assert summary_actions(run) == expected | {name: "skipped" for name in TINY_ENABLED}
-    manifest = json.loads((run / "sft" / "manifest.json").read_text())
-    assert manifest["versions"]["steerray_at"].startswith(str(installed["site"]))
+    disabled = {name: "disabled" for name in TINY_DISABLED}
+    assert summary_actions(run) == {"prepare": "skipped", "reward": "skipped", "annotate": "skipped",
+                                    "sft": "resumed", "bootstrap": "ran", "evaluate": "ran"} | disabled
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]  # nothing written outside the run folder
+    for stage in TINY_ENABLED:
+        assert json.loads((run / stage / "manifest.json").read_text())["stage"] == stage, stage
+    assert json.loads((run / "sft" / "manifest.json").read_text())["versions"]["steerray_at"].startswith(
+        str(installed["site"]))
+    # the report: self-contained, with the steerability numbers and plots
+    page = (run / "evaluate" / "report.html").read_text()
+    assert len(re.findall(r'src="data:image/png;base64,', page)) >= 4
+    results = json.loads((run / "evaluate" / "eval.json").read_text())
+    assert set(results["steerability"]["per_attribute"]) == {"verbosity", "humor"}
+    assert results["steerability"]["rows"] == 2 * 2 * 3
+    assert results["reward"]["regression"]["n_rows"] > 0
+    assert results["bootstrap"]["rounds"][0]["samples"] == 12
+    # bootstrap fine-tuned again and evaluate used that model. The relative run name was resolved against the
+    # user's folder on the driver, before any job started (a Ray Train worker would resolve it in its own
+    # working folder), so the recorded config works from anywhere.
+    assert (run / "bootstrap" / "model" / "config.json").is_file()
+    assert json.loads((run / "evaluate" / "manifest.json").read_text())["config"]["policy"] == str(
+        run / "bootstrap" / "model")
+    assert f"steerray serve --model {run / 'bootstrap' / 'model'}" in second.stderr
+
+    # again: every stage is skipped and Ray does not even start (an embedded Ray makes its session folder
+    # under RAY_TMPDIR)
+    ray_tmp = tmp_path.parent / f"{tmp_path.name}-ray"
+    third = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
+                           env={**env, "RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+    assert third.returncode == 0, third.stderr[-4000:]
+    assert summary_actions(run) == {name: "skipped" for name in TINY_ENABLED} | disabled
+    assert not ray_tmp.exists(), sorted(ray_tmp.rglob("*"))[:5]
 
 
 def free_port() -> int:
