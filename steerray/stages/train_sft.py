@@ -103,14 +103,14 @@ def write_samples(out: Path, cfg: SFTConfig, tokenizer: Any, device: Any, dtype:
     if not cfg.sample_prompts or not cfg.sample_steering:
         return 0
     model = load_causal_lm(str(out / "model"), dtype=dtype).to(device).eval()
-    rows: list[dict[str, Any]] = []
-    for steering in cfg.sample_steering:
-        label = steering_label(steering, attributes=cfg.label_attributes)
-        prompts = [generation_prompt([{"role": "user", "content": p}], label) for p in cfg.sample_prompts]
-        answers = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens)
-        for prompt, answer in zip(cfg.sample_prompts, answers, strict=True):
-            rows.append({"prompt": prompt, "steering": steering, "label": label, "answer": answer.text,
-                         "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason})
+    cases = [(steering, steering_label(steering, attributes=cfg.label_attributes), prompt)
+             for steering in cfg.sample_steering for prompt in cfg.sample_prompts]
+    # one batch for all settings: a batch decodes until its longest answer ends, so once, not once a setting
+    prompts = [generation_prompt([{"role": "user", "content": prompt}], label) for _, label, prompt in cases]
+    answers = generate_batch(model, tokenizer, prompts, max_new_tokens=cfg.sample_max_new_tokens)
+    rows = [{"prompt": prompt, "steering": steering, "label": label, "answer": answer.text,
+             "completion_tokens": answer.completion_tokens, "finish_reason": answer.finish_reason}
+            for (steering, label, prompt), answer in zip(cases, answers, strict=True)]
     write_jsonl(out / "samples.jsonl", rows)
     title = f"SFT samples ({cfg.model.name}, greedy, up to {cfg.sample_max_new_tokens} new tokens)"
     atomic_write_text(out / "samples.md", samples_markdown(title, cfg.sample_prompts, rows))
