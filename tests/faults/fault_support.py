@@ -71,7 +71,9 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str, every: 
 
 def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """A child in its own session (process group = its PID), output to ``log``: killable as a group without
-    touching the test runner, and never a target of signals meant for the test's own group."""
+    touching the test runner, and never a target of signals meant for the test's own group. It runs in the
+    log's folder (the test's own), so what it writes relative to its working folder (`steerray serve`'s
+    resolved config under runs/serve) stays out of the checkout."""
     handle = open(log, "wb")  # noqa: SIM115 - the child owns it; closed when the test's process exits
     return subprocess.Popen(
         args,
@@ -79,7 +81,7 @@ def spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subp
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
         start_new_session=True,
-        cwd=REPO,
+        cwd=log.parent,
     )
 
 
