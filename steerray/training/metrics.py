@@ -83,22 +83,26 @@ def read_metrics(path: str | Path, split: str | None = None) -> list[dict[str, A
 # --------------------------------------------------------------------------------------------------
 
 def measure_matmul_peak(device: Any = None, dtype: Any = None, size: int = 2048, seconds: float = 1.0) -> float:
-    """Achievable dense matmul FLOP/s of this process on ``device`` (the MFU denominator)."""
+    """Achievable dense matmul FLOP/s of this process on ``device`` (the MFU denominator), in about
+    ``seconds``: a dtype the CPU only emulates (bf16 without AVX512-BF16/AMX runs at ~1 GFLOP/s, where one
+    1024^3 multiply takes seconds) gets a smaller matrix instead of a longer measurement."""
     import torch
 
     device = torch.device(device or "cpu")
     dtype = dtype or torch.float32
     if device.type == "cpu":
-        size = min(size, 1024)  # a few GFLOP/s per core: keep one multiply short
+        size = cpu_matmul_size(dtype, largest=min(size, 1024), seconds=seconds)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up (kernel selection, allocation)
     _sync(device)
+    # A CUDA launch is asynchronous: synchronize only every few multiplies there; a CPU multiply has ended.
+    check_every = 4 if device.type == "cuda" else 1
     reps, start = 0, time.perf_counter()
     while True:
         a @ b
         reps += 1
-        if reps % 4 == 0:
+        if reps % check_every == 0:
             _sync(device)
             if time.perf_counter() - start >= seconds:
                 break
@@ -106,7 +110,21 @@ def measure_matmul_peak(device: Any = None, dtype: Any = None, size: int = 2048,
     return 2 * size**3 * reps / elapsed
 
 
-def box_matmul_speed(seconds: float = 1.0) -> dict[str, float]:
+def cpu_matmul_size(dtype: Any, largest: int, seconds: float, probe: int = 128) -> int:
+    """The largest square size (a multiple of 64, at most ``largest``) whose multiply takes at most a tenth
+    of ``seconds``, judged from one small multiply (the time grows as size^3)."""
+    import torch
+
+    a = torch.randn(probe, probe, dtype=dtype)
+    a @ a
+    started = time.perf_counter()
+    a @ a
+    per_probe = max(time.perf_counter() - started, 1e-6)
+    fits = probe * (seconds / 10 / per_probe) ** (1 / 3)
+    return int(max(64, min(largest, fits // 64 * 64)))
+
+
+def box_matmul_speed(seconds: float = 0.5) -> dict[str, float]:
     """This process's dense matmul GFLOP/s in fp32 and bf16 (CUDA where there is one): printed beside a run's
     timings, because a shared box's speed moves with its load and a time alone says little."""
     import torch

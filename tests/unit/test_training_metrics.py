@@ -71,3 +71,18 @@ def test_wandb_only_when_asked(monkeypatch):
     assert not wandb_wanted()
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert wandb_wanted()
+
+
+def test_matmul_size_shrinks_to_the_time_budget_so_an_emulated_dtype_cannot_stall_a_run():
+    """A pipeline measures the box's fp32 and bf16 matmul speed at its start and end. On a CPU without
+    native bf16 one 1024^3 bf16 multiply took ~2.6 s, and five of them made a run that skipped every stage
+    take 30 s: the size follows the budget instead (a tenth of it per multiply, judged from a small one)."""
+    import torch
+
+    from steerray.training.metrics import cpu_matmul_size, measure_matmul_peak
+
+    for dtype in (torch.float32, torch.bfloat16):
+        assert cpu_matmul_size(dtype, largest=1024, seconds=1e-9) == 64  # no budget: the smallest size
+        assert cpu_matmul_size(dtype, largest=1024, seconds=1e9) == 1024  # any budget: never above the cap
+        assert cpu_matmul_size(dtype, largest=1024, seconds=0.5) % 64 == 0
+    assert measure_matmul_peak("cpu", torch.float32, seconds=0.05) > 1e8  # a real rate, in FLOP/s
