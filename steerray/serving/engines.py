@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.errors import SteerrayError
+from steerray.models.generation import cache_keyword
 from steerray.models.loading import load_causal_lm, load_tokenizer
 from steerray.models.precision import inference_dtype
 from steerray.serving.openai_schema import StopTextFilter
@@ -191,6 +192,7 @@ class TransformersEngine(Engine):
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._logits_kw = self._logits_to_keep_kwargs()
+        self._cache_kw = cache_keyword(self.model)
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -311,9 +313,10 @@ class TransformersEngine(Engine):
         return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
 
     def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True, **self._logits_kw)
-        return out.logits[:, -1].float(), out.past_key_values
+        """The last position's logits; ``cache`` is extended in place (returned for clarity)."""
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self._cache_kw: cache}, **self._logits_kw)
+        return out.logits[:, -1].float(), cache
 
     def _prefill(self, rows: list[_Sequence]) -> _Batch:
         import torch
