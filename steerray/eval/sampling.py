@@ -1,8 +1,12 @@
 """Generate answers with a policy and score them with the reward model, in batches.
 
 ``SampleScorer`` is a plain callable class over ``dict[str, np.ndarray]`` batches: Ray Data runs it as a
-``map_batches`` actor (one model load per actor, batched ``generate`` and forward passes), tests call it
-directly. Bootstrapping and the steerability grid both use it, so "sample at a label, then score" means
+``map_batches`` actor (one model load per actor; generation through steerray's engine, or vLLM on a GPU;
+batched forward passes to score), tests call it directly. A batch's prompts go to the engine at once: a
+finished answer leaves the decoding batch and the next prompt takes its row, and an answer ends at the
+first SteerLM marker, as the server's do (one ``generate`` call per chunk decoded every row until its
+longest answer ended, and ran on past markers other than the stop marker: completion_tokens then counted
+text that was cut away). Bootstrapping and the steerability grid both use it, so "sample at a label, then score" means
 the same thing in both.
 
 Input columns: ``id`` (int), ``messages`` (JSON list of ``{"role", "content"}``, ending with a user turn),
@@ -13,6 +17,7 @@ the reward model's raw outputs for the answer in its context).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -20,13 +25,13 @@ from typing import Any
 
 import numpy as np
 
-from steerray.models.generation import generate_batch
-from steerray.models.loading import load_causal_lm, load_tokenizer
+from steerray.models.loading import load_tokenizer
 from steerray.models.precision import inference_dtype
 from steerray.models.reward import load_reward_model, predict_texts
+from steerray.serving.engines import SamplingParams, TransformersEngine
+from steerray.serving.openai_schema import stop_strings
 from steerray.templates import (
     ASSISTANT_ROLE,
-    STOP_STRING,
     USER_ROLE,
     generation_prompt,
     make_conversation,
@@ -71,6 +76,22 @@ def use_vllm(engine: str, device: str) -> bool:
     return True
 
 
+def engine_answers(engine: TransformersEngine, prompts: Sequence[str], seeds: Sequence[int],
+                   sampling: Mapping[str, Any]) -> list[tuple[str, int, int, str]]:
+    """(answer, prompt_tokens, completion_tokens, finish_reason) per prompt from steerray's engine, every prompt
+    submitted at once with its own seed (a row's sample does not depend on which rows share its batch)."""
+    encoded = [engine.encode(p) for p in prompts]
+
+    async def answer_all() -> list[Any]:
+        return await asyncio.gather(*(engine.complete(ids, SamplingParams(
+            max_tokens=sampling["max_new_tokens"], temperature=sampling["temperature"], top_p=sampling["top_p"],
+            seed=seed, stop=stop_strings())) for ids, seed in zip(encoded, seeds, strict=True)))
+
+    completions = asyncio.run(answer_all())
+    return [(strip_generation(c.text), len(ids), c.completion_tokens, c.finish_reason)
+            for ids, c in zip(encoded, completions, strict=True)]
+
+
 class SampleScorer:
     """Load a policy and a reward model once; per batch, generate then score."""
 
@@ -86,34 +107,36 @@ class SampleScorer:
         dtype = inference_dtype(self.sampling.get("precision", "auto"), self.device)
         self.tokenizer = load_tokenizer(policy, padding_side="left")
         self.vllm = None
+        self.engine: TransformersEngine | None = None
         if use_vllm(self.sampling.get("engine", "auto"), self.device):
             from vllm import LLM
 
             # Leave room on the GPU for the reward model beside it.
             self.vllm = LLM(model=policy, dtype="bfloat16", gpu_memory_utilization=0.6, seed=self.sampling["seed"])
-            self.policy = None
         else:
-            self.policy = load_causal_lm(policy, dtype=dtype).to(self.device).eval()
+            # steerray's engine, not one generate call per chunk: a finished answer leaves the batch at once
+            # and the next prompt takes its row (a generate call decodes every row until its longest ends).
+            self.engine = TransformersEngine(policy, max_batch_size=int(self.sampling["batch_size"]),
+                                             batch_wait_ms=0, precision=self.sampling.get("precision", "auto"),
+                                             threads=torch.get_num_threads())
         self.reward, self.reward_tokenizer, self.attributes = load_reward_model(reward_model, dtype=dtype,
                                                                                 device=self.device)
         self.reward_max_length = reward_max_length
         self.reward_batch_size = reward_batch_size
 
-    def _generate(self, prompts: list[str], seed: int) -> list[tuple[str, int, int, str]]:
-        """(answer, prompt_tokens, completion_tokens, finish_reason) per prompt."""
+    def _generate(self, prompts: list[str], seeds: list[int]) -> list[tuple[str, int, int, str]]:
+        """(answer, prompt_tokens, completion_tokens, finish_reason) per prompt, each with its own seed."""
         s = self.sampling
         if self.vllm is not None:
-            from vllm import SamplingParams
+            import vllm
 
-            params = SamplingParams(max_tokens=s["max_new_tokens"], temperature=s["temperature"], top_p=s["top_p"],
-                                    seed=seed, stop=[STOP_STRING])
+            params = [vllm.SamplingParams(max_tokens=s["max_new_tokens"], temperature=s["temperature"],
+                                          top_p=s["top_p"], seed=seed, stop=list(stop_strings())) for seed in seeds]
             outputs = self.vllm.generate(prompts, params, use_tqdm=False)
             return [(strip_generation(o.outputs[0].text), len(o.prompt_token_ids), len(o.outputs[0].token_ids),
                      "length" if o.outputs[0].finish_reason == "length" else "stop") for o in outputs]
-
-        results = generate_batch(self.policy, self.tokenizer, prompts, max_new_tokens=s["max_new_tokens"],
-                                 temperature=s["temperature"], top_p=s["top_p"], seed=seed)
-        return [(g.text, g.prompt_tokens, g.completion_tokens, g.finish_reason) for g in results]
+        assert self.engine is not None
+        return engine_answers(self.engine, prompts, seeds, s)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = [int(i) for i in batch["id"]]
@@ -122,14 +145,9 @@ class SampleScorer:
         lengths = [len(ids_) for ids_ in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         keep = [i for i, n in enumerate(lengths) if n <= self.sampling["max_prompt_tokens"]]
         answers = [("", lengths[i], 0, SKIPPED) for i in range(len(prompts))]
-        # Sort by length so one generate call pads little; the seed makes sampling repeatable per batch.
-        keep.sort(key=lambda i: lengths[i])
-        step = int(self.sampling["batch_size"])
-        for start in range(0, len(keep), step):
-            chunk = keep[start:start + step]
-            seed = int(self.sampling["seed"]) + ids[chunk[0]]
-            for i, result in zip(chunk, self._generate([prompts[i] for i in chunk], seed), strict=True):
-                answers[i] = result
+        seeds = [int(self.sampling["seed"]) + ids[i] for i in keep]
+        for i, result in zip(keep, self._generate([prompts[i] for i in keep], seeds), strict=True):
+            answers[i] = result
         scores: list[dict[str, float]] = [{} for _ in prompts]
         if keep:
             texts = [reward_text(messages[i], answers[i][0]) for i in keep]
