@@ -2,12 +2,13 @@
 
 ``SampleScorer`` is a plain callable class over ``dict[str, np.ndarray]`` batches: Ray Data runs it as a
 ``map_batches`` actor (one model load per actor; generation through steerray's engine, or vLLM on a GPU;
-batched forward passes to score), tests call it directly. A batch's prompts go to the engine at once: a
-finished answer leaves the decoding batch and the next prompt takes its row, and an answer ends at the
-first SteerLM marker, as the server's do (one ``generate`` call per chunk decoded every row until its
-longest answer ended, and ran on past markers other than the stop marker: completion_tokens then counted
-text that was cut away). Bootstrapping and the steerability grid both use it, so "sample at a label, then score" means
-the same thing in both.
+batched forward passes to score), tests call it directly. Bootstrapping and the steerability grid both
+use it, so "sample at a label, then score" means the same thing in both.
+
+A batch's prompts go to the engine at once: a finished answer leaves the decoding batch and the next
+prompt takes its row, and an answer ends at the first SteerLM marker, as the server's do (one ``generate``
+call per chunk decoded every row until its longest answer ended, and ran on past markers other than the
+stop marker: completion_tokens then counted text that was cut away).
 
 Input columns: ``id`` (int), ``messages`` (JSON list of ``{"role", "content"}``, ending with a user turn),
 ``label`` (the steering label string). Output adds ``answer``, ``prompt_tokens``, ``completion_tokens``,

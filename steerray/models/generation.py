@@ -21,15 +21,6 @@ class Generation:
     finish_reason: str  # "stop" (a stop string or EOS ended it) or "length"
 
 
-def cache_keyword(model: Any) -> str:
-    """The name a model's ``forward`` takes its KV cache by: ``cache`` from transformers 5.20 (the old name
-    still works there, with a deprecation warning, until it goes), ``past_key_values`` before (the vLLM
-    venv's older release)."""
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
                    stop: Sequence[str] = (STOP_STRING,)) -> list[Generation]:

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from steerray.errors import SteerrayError
-from steerray.models.generation import cache_keyword
 from steerray.models.loading import load_causal_lm, load_tokenizer
 from steerray.models.precision import inference_dtype
 from steerray.serving.openai_schema import StopTextFilter
@@ -191,8 +190,7 @@ class TransformersEngine(Engine):
         self.batch_wait_s = batch_wait_ms / 1000.0
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._logits_kw = self._logits_to_keep_kwargs()
-        self._cache_kw = cache_keyword(self.model)
+        self._logits_kw, self._cache_kw = self._forward_keywords()
         self._pending: collections.deque[_Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -306,11 +304,16 @@ class TransformersEngine(Engine):
         ids.update(config_eos if isinstance(config_eos, (list, tuple)) else [config_eos])
         return {i for i in ids if i is not None}
 
-    def _logits_to_keep_kwargs(self) -> dict[str, int]:
-        # Prefill needs only the last position's logits; most HF causal LMs accept logits_to_keep.
+    def _forward_keywords(self) -> tuple[dict[str, int], str]:
+        """What the model's ``forward`` takes: ``logits_to_keep`` (prefill needs only the last position's
+        logits; most HF causal LMs accept it), and the KV cache's name: ``cache`` from transformers 5.20
+        (``past_key_values`` still works there, with a deprecation warning), ``past_key_values`` before
+        (the vLLM venv's older release)."""
         import inspect
 
-        return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+        takes = inspect.signature(self.model.forward).parameters
+        return ({"logits_to_keep": 1} if "logits_to_keep" in takes else {},
+                "cache" if "cache" in takes else "past_key_values")
 
     def _forward(self, input_ids: Any, mask: Any, positions: Any, cache: Any) -> tuple[Any, Any]:
         """The last position's logits; ``cache`` is extended in place (returned for clarity)."""
