@@ -48,14 +48,18 @@ def titled(pid: int, word: str) -> list[psutil.Process]:
     return found
 
 
+def command_line(proc: psutil.Process) -> str | None:
+    """The whole command line (None once the process is gone)."""
+    try:
+        return " ".join(proc.cmdline())
+    except psutil.Error:
+        return None
+
+
 def describe(processes: list[psutil.Process]) -> list[str]:
-    out = []
-    for proc in processes:
-        try:
-            out.append(f"{proc.pid} {' '.join(proc.cmdline())[:90]}")
-        except psutil.Error:
-            out.append(f"{proc.pid} (gone)")
-    return out
+    """For messages: pid and the start of each command line (which can be long: a venv's full path)."""
+    return [f"{proc.pid} {line[:90]}" if (line := command_line(proc)) is not None else f"{proc.pid} (gone)"
+            for proc in processes]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str, every: float = 0.2) -> object:
