@@ -49,6 +49,10 @@ IMPORT_TIME_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_TRAIN_V2_ENABLED": "1",
+    # Train V2's controller polls its workers every 2 s by default, and a fit waits for a poll to see its
+    # workers started, each checkpoint reported and the run ended: 0.5 s saves ~3 s of every fit (a tiny
+    # train-sft command: 68 -> 65 s at 0.25 s). Passed on to the controller and workers with the driver's env.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
 }
 # Only for the embedded Ray: every socket on loopback (read at import time), and, since nothing is reachable
 # from elsewhere, no token dance on a laptop. A driver connecting to a cluster must not bind to loopback.
