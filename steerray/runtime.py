@@ -43,7 +43,7 @@ from steerray.config import load_config, validate_config
 from steerray.errors import SteerrayError
 
 LOOPBACK = "127.0.0.1"
-# Before the first `import ray`: no telemetry, quiet tokenizers, Train V2.
+# Before the first `import ray` (some are read then): no telemetry, quiet tokenizers, Train V2, its poll interval.
 IMPORT_TIME_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "1",

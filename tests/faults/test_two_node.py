@@ -44,7 +44,7 @@ from steerray.config import SFTConfig, load_config
 from steerray.runtime import encode_config
 
 pytestmark = [pytest.mark.faults]
-STEPS, EVERY = 24, 4  # the kill comes ~2 s (a controller poll) after step 4: the run must outlast that
+STEPS, EVERY = 24, 4  # the kill comes up to a controller poll (0.5 s; 2 s under Ray's default) after step 4: the run must outlast that
 # After the loss the head alone runs both workers (0.5 CPU each) and the restarted run's Ray Data reads.
 HEAD_CPUS, SECOND_CPUS = 2, 1
 HOST = Path(__file__).with_name("two_node_cluster.py")
