@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from steerray.runtime import EMBEDDED_ENV, IMPORT_TIME_ENV, prepare_environment
+from steerray.ray_env import EMBEDDED_ENV, IMPORT_TIME_ENV, prepare_environment
 
 
 @pytest.fixture
