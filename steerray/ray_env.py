@@ -4,7 +4,7 @@ Kept apart from ``steerray.runtime`` and light on purpose (the standard library 
 calls :func:`prepare_environment` before any steerray module can import Ray, and Ray imports
 :func:`keep_workers_on_loopback` in every worker process of the embedded Ray, Ray's own actors included (Ray
 Train's controller, synchronization and clean-up actors, Ray Data's stats actor, Serve's controller). Through
-``steerray.runtime`` each of those processes imported the config layer and pydantic as well: ~0.5 s of CPU per
+``steerray.runtime`` each of those processes imported the config layer and pydantic as well: ~0.35 s of CPU per
 process on a quiet box, several times that while a fit's processes start together on 2 cores.
 """
 
@@ -33,7 +33,7 @@ IMPORT_TIME_ENV = {
 # from elsewhere, no token dance on a laptop. A driver connecting to a cluster must not bind to loopback.
 # Ray Train starts a PreemptionWatcher actor with every worker group, a process that watches for nodes being
 # drained; one local node is never drained, and on 2 cores that process's start-up delays the workers'
-# (a tiny train-sft command: 3-6 s less in each of 5 alternating pairs). Clusters keep it.
+# (a tiny train-sft command: 2.9-6.5 s less in each of 5 alternating pairs). Clusters keep it.
 EMBEDDED_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
                 "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
