@@ -1,6 +1,7 @@
 """Chat-server throughput: generated tokens/s at 1, 4 and 16 concurrent clients vs a plain sequential loop.
 
-    .venv/bin/python bench/serve.py                                  # smollm2-135m, 16 requests, 32 tokens
+    .venv/bin/python bench/serve.py                                  # smollm2-135m, 16 requests, 64 tokens each
+    .venv/bin/python bench/serve.py --min-tokens 0                   # answers end where the model ends them
     .venv/bin/python bench/serve.py --model tiny-llama --requests 32 --max-tokens 64
 
 In one process, same model, same requests, greedy decoding, same stop marker:
@@ -10,6 +11,11 @@ In one process, same model, same requests, greedy decoding, same stop marker:
               stopping at the same strings as the server)
 2. server:    `steerray serve` on an embedded Ray (transformers engine), the same requests sent by C
               concurrent HTTP clients (C = 1, 4, 16), non-streaming, tokens counted from ``usage``
+
+Answers are ``--max-tokens`` long by default (``min_tokens`` = ``max_tokens`` on both sides: EOS cannot end
+them sooner, as vLLM's serving benchmarks do with ``ignore_eos``). The untuned SmolLM2 ends a SteerLM-template
+answer after ~9 tokens, so with ``--min-tokens 0`` the run measures mostly prompt processing and per-request
+overhead, not the decoding that batching speeds up; a tuned model's answers are tens to hundreds of tokens.
 
 Prints tokens/s, p50/p95 request latency per setting, the ratio of each to the baseline, and whether
 the server's greedy answers equal the baseline's. The baseline runs before Ray starts, so the two never
@@ -51,7 +57,8 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tokens: int, threads: int) -> dict:
+def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tokens: int, min_tokens: int,
+                 threads: int) -> dict:
     """The plain loop: one generate call per request, one after the other."""
     import torch
 
@@ -70,7 +77,8 @@ def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tok
     started = time.perf_counter()
     for prompt in prompts:
         t0 = time.perf_counter()
-        (result,) = generate_batch(lm, tokenizer, [prompt], max_new_tokens=max_tokens, stop=stops)
+        (result,) = generate_batch(lm, tokenizer, [prompt], max_new_tokens=max_tokens, stop=stops,
+                                   min_new_tokens=min_tokens)
         latencies.append(time.perf_counter() - t0)
         tokens += result.completion_tokens
         texts.append(result.text)
@@ -79,7 +87,7 @@ def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tok
 
 
 async def run_clients(url: str, model: str, requests: list[tuple[str, dict[str, int]]], max_tokens: int,
-                      concurrency: int) -> dict:
+                      min_tokens: int, concurrency: int) -> dict:
     """``concurrency`` clients share the request list; each sends its next request when the last returns."""
     import httpx
 
@@ -97,7 +105,7 @@ async def run_clients(url: str, model: str, requests: list[tuple[str, dict[str, 
             t0 = time.perf_counter()
             response = await http.post(f"{url}/v1/chat/completions", json={
                 "model": model, "messages": [{"role": "user", "content": question}], "steering": steering,
-                "max_tokens": max_tokens, "temperature": 0})
+                "max_tokens": max_tokens, "min_tokens": min_tokens, "temperature": 0})
             response.raise_for_status()
             body = response.json()
             latencies[i] = time.perf_counter() - t0
@@ -129,11 +137,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="alias, folder or hub id")
     parser.add_argument("--requests", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--min-tokens", type=int, default=None, help="EOS held back until then (default: "
+                        "--max-tokens, answers of a fixed length; 0: where the model ends them)")
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads, both sides")
     args = parser.parse_args()
+    min_tokens = args.max_tokens if args.min_tokens is None else args.min_tokens
 
     from steerray.config import ServeConfig
     from steerray.models.loading import resolve_model
@@ -142,9 +153,9 @@ def main() -> None:
 
     resolve_model(args.model)  # build an alias's cache before timing anything
     requests = requests_for(args.requests)
-    print(f"[bench] model {args.model}, {args.requests} requests, max_tokens {args.max_tokens}, "
-          f"{args.threads} torch threads", flush=True)
-    baseline = run_baseline(args.model, requests, args.max_tokens, args.threads)
+    print(f"[bench] model {args.model}, {args.requests} requests, max_tokens {args.max_tokens}, min_tokens "
+          f"{min_tokens}, {args.threads} torch threads", flush=True)
+    baseline = run_baseline(args.model, requests, args.max_tokens, min_tokens, args.threads)
     print(f"[bench] baseline loop: {baseline['tokens']} tokens in {baseline['seconds']:.1f} s", flush=True)
 
     init_ray(num_cpus=max(2, args.threads), object_store_mb=256)
@@ -159,9 +170,9 @@ def main() -> None:
     rows = []
     try:
         model = served_name(args.model)
-        asyncio.run(run_clients(url, model, requests[:2], 4, 2))  # warm-up
+        asyncio.run(run_clients(url, model, requests[:2], 4, 0, 2))  # warm-up
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            row = asyncio.run(run_clients(url, model, requests, args.max_tokens, concurrency))
+            row = asyncio.run(run_clients(url, model, requests, args.max_tokens, min_tokens, concurrency))
             print(f"[bench] {row['name']}: {row['tokens']} tokens in {row['seconds']:.1f} s", flush=True)
             rows.append(row)
     finally:

@@ -9,7 +9,9 @@ previous token is the verbosity digit and the answer depends on the steering:
 - verbosity 0: ``Paris.`` then ``\\n<extra_id_1>User\\n`` (the stop marker the server must cut);
 - verbosity 4 (the default): ``The capital of France is Paris, a city of art.`` then the same marker.
 
-That gives the serving tests exact expected answers in about a second, with no training.
+That gives the serving tests exact expected answers in about a second, with no training. Built with
+``end_with_eos``, each answer ends in the tokenizer's EOS token instead of the marker (how a chat model
+usually ends), for what EOS decides (``min_tokens``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def build_steerable_model(out: Path) -> Path:
+def build_steerable_model(out: Path, end_with_eos: bool = False) -> Path:
     """Write the scripted model (see the module docstring) to ``out`` with its tokenizer."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,8 +46,8 @@ def build_steerable_model(out: Path) -> Path:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     newline, digit0, digit4 = ids("\n")[0], ids("0")[0], ids("4")[0]
-    scripts = [[digit0, newline, *ids(SHORT_ANSWER), *ids(AFTER_ANSWER)],
-               [digit4, newline, *ids(LONG_ANSWER), *ids(AFTER_ANSWER)]]
+    after = [tokenizer.eos_token_id] if end_with_eos else ids(AFTER_ANSWER)
+    scripts = [[digit0, newline, *ids(SHORT_ANSWER), *after], [digit4, newline, *ids(LONG_ANSWER), *after]]
     transitions = {(a, b): c for script in scripts for a, b, c in zip(script, script[1:], script[2:], strict=False)}
     vocab = sorted({t for script in scripts for t in script})
     slot = {token: i for i, token in enumerate(vocab)}
@@ -101,11 +103,14 @@ def steered_prompt(verbosity: int) -> str:
     return generation_prompt([{"role": "user", "content": QUESTION}], steering_label({"verbosity": verbosity}))
 
 
-def steerable_model_dir() -> str:
+def steerable_model_dir(end_with_eos: bool = False) -> str:
     """The scripted model, built once per machine under the steerray cache (like the tiny-llama alias)."""
+    import functools
+
     from steerray.models.loading import _build_once, cache_dir
 
-    return str(_build_once(cache_dir() / "tests-steerable-llama-v1", build_steerable_model))
+    name = "tests-steerable-llama-eos-v1" if end_with_eos else "tests-steerable-llama-v1"
+    return str(_build_once(cache_dir() / name, functools.partial(build_steerable_model, end_with_eos=end_with_eos)))
 
 
 def start_server(model: str, *, token: str | None = None, app_name: str = "test-chat", **fields) -> str:

@@ -23,8 +23,9 @@ class Generation:
 
 def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                   stop: Sequence[str] = (STOP_STRING,)) -> list[Generation]:
-    """Generate one answer per prompt in a single batched ``generate`` call (greedy if temperature 0)."""
+                   stop: Sequence[str] = (STOP_STRING,), min_new_tokens: int = 0) -> list[Generation]:
+    """Generate one answer per prompt in a single batched ``generate`` call (greedy if temperature 0);
+    ``min_new_tokens`` keeps EOS from ending an answer sooner (stop strings still do)."""
     import torch
 
     if not prompts:
@@ -41,6 +42,8 @@ def generate_batch(model: Any, tokenizer: Any, prompts: Sequence[str], *, max_ne
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
                               "pad_token_id": tokenizer.pad_token_id, "stop_strings": list(stop),
                               "tokenizer": tokenizer}
+    if min_new_tokens:
+        kwargs["min_new_tokens"] = min_new_tokens
     if sampling:
         kwargs.update(temperature=temperature, top_p=top_p)
     else:

@@ -4,7 +4,7 @@ Routes (the OpenAPI schema at ``/openapi.json``; no ``/docs`` page: FastAPI's lo
 CDN, and no third-party script may run on the origin that holds the playground's token):
 
 - ``POST /v1/chat/completions``: the OpenAI chat API (``stream``, ``n``, ``max_tokens``, ``temperature``,
-  ``top_p``, ``stop``, ``seed``, ``usage``) plus ``steering``: ``{"verbosity": 0, ...}``, attributes left
+  ``top_p``, ``stop``, ``seed``, ``usage``; vLLM's ``min_tokens``) plus ``steering``: ``{"verbosity": 0, ...}``, attributes left
   out take the reference's defaults (quality 4, toxicity 0, humor 0, creativity 0, the rest 4).
 - ``GET /v1/models``: the one model served.
 - ``POST /generate``: ``prompt`` (one user turn) or ``messages``, plus ``steering``; returns the answer and
@@ -156,10 +156,12 @@ class ChatDeployment:
         max_tokens = oa.answer_budget(len(ids), request.requested_max_tokens(), self.engine.max_model_len,
                                       self.default_max_tokens)
         oa.check_generation_cost(n, max_tokens, self.limits.max_generated_tokens)
+        oa.check_min_tokens(request.min_tokens, max_tokens)
         # A temperature too small to scale logits by (1e-300 overflows them) means greedy, on every engine.
         temperature = request.temperature if request.temperature >= GREEDY_BELOW else 0.0
         return ids, [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=request.top_p,
-                                    seed=None if request.seed is None else request.seed + i, stop=stops)
+                                    seed=None if request.seed is None else request.seed + i, stop=stops,
+                                    min_tokens=request.min_tokens)
                      for i in range(n)]
 
     def _reject(self, err: oa.RequestError) -> ApiError:

@@ -56,6 +56,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()  # every string that ends the answer (markers included)
+    min_tokens: int = 0  # EOS cannot end the answer before this many tokens; stop strings still do
 
     @property
     def greedy(self) -> bool:
@@ -392,6 +393,7 @@ class TransformersEngine(Engine):
 
     def _sample(self, logits: Any, rows: Sequence[_Sequence]) -> list[int | BaseException]:
         """One token per row; a row whose sampling fails gets its exception instead (only it fails)."""
+        logits = self._hold_eos(logits, rows)
         tokens: list[int | BaseException] = list(logits.argmax(-1).tolist())
         for i, row in enumerate(rows):
             if row.params.greedy:
@@ -401,6 +403,19 @@ class TransformersEngine(Engine):
             except Exception as err:  # noqa: BLE001 - e.g. NaN probabilities: this row's problem
                 tokens[i] = err
         return tokens
+
+    def _hold_eos(self, logits: Any, rows: Sequence[_Sequence]) -> Any:
+        """The logits with EOS ruled out for rows still short of their ``min_tokens`` (transformers'
+        ``min_new_tokens``, vLLM's ``min_tokens``); untouched, and not copied, when no row asks for it."""
+        import torch
+
+        short = [i for i, row in enumerate(rows) if row.generated < row.params.min_tokens]
+        if not short:
+            return logits
+        held = logits.clone()
+        rows_index = torch.tensor(short, device=logits.device).unsqueeze(1)
+        held[rows_index, torch.tensor(sorted(self.eos_ids), device=logits.device)] = float("-inf")
+        return held
 
     @staticmethod
     def _sample_row(logits: Any, row: _Sequence) -> int:

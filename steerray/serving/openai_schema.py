@@ -94,6 +94,9 @@ class SamplingFields(BaseModel):
     top_p: StrictFloat = Field(1.0, gt=0, le=1)
     seed: StrictInt | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)  # choice i: seed + i
     stop: str | list[str] | None = None
+    # vLLM's extension of the OpenAI API: EOS cannot end the answer before this many tokens (stop strings
+    # still do). Serving benchmarks use it to measure answers of a known length.
+    min_tokens: StrictInt = Field(0, ge=0)
     steering: dict[str, Any] | None = None  # steerray's extension: attribute -> 0..4
 
     def stop_list(self, max_chars: int = MAX_STOP_CHARS) -> list[str]:
@@ -315,6 +318,12 @@ def check_generation_cost(n: int, max_tokens: int, limit: int) -> None:
         raise RequestError(400, f"n ({n}) x max_tokens ({max_tokens}) = {n * max_tokens} tokens is over this "
                                 f"server's limit of {limit} generated tokens per request; lower n or max_tokens",
                            param="max_tokens", code="too_many_tokens")
+
+
+def check_min_tokens(min_tokens: int, max_tokens: int) -> None:
+    """400 when the answer must be longer than it may be."""
+    if min_tokens > max_tokens:
+        raise RequestError(400, f"min_tokens ({min_tokens}) is over max_tokens ({max_tokens})", param="min_tokens")
 
 
 # --------------------------------------------------------------------------------------------------

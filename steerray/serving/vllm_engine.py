@@ -169,7 +169,8 @@ class VLLMEngine(Engine):
         # engine); keeping the stop string in its output stops it from holding back len(longest stop) - 1
         # characters while streaming: StopTextFilter cuts the stop and holds only a tail that could be one.
         return VllmSamplingParams(n=1, temperature=0.0 if params.greedy else params.temperature,
-                                  top_p=params.top_p, max_tokens=params.max_tokens, seed=params.seed,
+                                  top_p=params.top_p, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
+                                  seed=params.seed,
                                   stop=list(params.stop), include_stop_str_in_output=True,
                                   skip_special_tokens=True)
 

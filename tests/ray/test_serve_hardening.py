@@ -108,7 +108,8 @@ def chat_body_cases() -> list[tuple[str, str, str, dict, int]]:
         "messages": ["hi", {"role": "user"}, [{"role": "user", "content": 5}], [{"role": "robot", "content": "x"}],
                      [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}], [], None, 1],
         "temperature": ["hot", -1, 2.5, True, None], "top_p": [0, 1.5, "1"], "n": [0, 9, "2", True, 2.0],
-        "max_tokens": [0, -1, "5", 1.5, True, 5000], "max_completion_tokens": [0, "9"], "stream": ["yes", 1, "true"],
+        "max_tokens": [0, -1, "5", 1.5, True, 5000], "max_completion_tokens": [0, "9"], "min_tokens": [-1, "3", 1.5],
+        "stream": ["yes", 1, "true"],
         "stream_options": [{"include_usage": "yes"}, "x"], "seed": [1.5, "7", 2**63],
         "stop": [["a"] * 5, [""], "", ["x" * 257], [1], 7],
         "steering": [["verbosity"], "verbosity:0", {"verbosity": 9}, {"verbosity": -1}, {"verbosity": "2"},
@@ -139,6 +140,7 @@ def chat_body_cases() -> list[tuple[str, str, str, dict, int]]:
     cases += [
         ("unknown field is ignored (OpenAI clients send new ones)", "POST", "/v1/chat/completions",
          body({**ok, "metadata": {"a": "b"}, "store": False}), 200),
+        ("min_tokens over max_tokens", "POST", "/v1/chat/completions", body({**ok, "min_tokens": 3}), 400),
         ("n x max_tokens over the limit", "POST", "/v1/chat/completions", body({"messages": ASK, "n": 8, "max_tokens": 1500}),
          400),
         ("prompt over the context", "POST", "/v1/chat/completions",

@@ -56,6 +56,8 @@ def test_what_the_openai_client_sends_parses_with_openai_defaults():
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 2.5}, "temperature", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "seed": 2**70}, "seed", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "min_tokens": -1}, "min_tokens", "invalid_request"),
+    ({"messages": [{"role": "user", "content": "x"}], "min_tokens": "8"}, "min_tokens", "invalid_request"),
     ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, "stop", None),
     ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools", "unsupported"),
     ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "unsupported"),
@@ -110,6 +112,14 @@ def test_prompt_is_the_steerlm_template_with_the_label_on_every_assistant_turn()
     for body in ({}, {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, {"prompt": " "}):
         with pytest.raises(oa.RequestError):
             oa.render_generate(oa.parse_request(oa.GenerateRequest, body), REFERENCE_LABEL)
+
+
+def test_min_tokens_may_not_exceed_max_tokens():
+    oa.check_min_tokens(16, 16)
+    with pytest.raises(oa.RequestError) as info:
+        oa.check_min_tokens(17, 16)
+    assert (info.value.status, info.value.param, info.value.message) == (
+        400, "min_tokens", "min_tokens (17) is over max_tokens (16)")
 
 
 def test_answer_budget_refuses_what_does_not_fit_the_context_window():

@@ -91,6 +91,33 @@ def test_max_tokens_and_user_stop_strings(engine):
     assert "".join(stopped) == "The capital of France is" and stopped_end.finish_reason == "stop"
 
 
+def test_min_tokens_holds_eos_back_as_min_new_tokens_does_for_its_row_only():
+    """A model whose answers end in EOS: min_tokens keeps EOS from ending the answer before that many tokens,
+    as transformers' ``min_new_tokens`` does, and only in the row that asks for it (both share one batch)."""
+    engine = make_engine("transformers", steerable_model_dir(end_with_eos=True), max_batch_size=4, batch_wait_ms=50)
+    try:
+        prompt = steered_prompt(0)
+        natural, = generate_batch(engine.model, engine.tokenizer, [prompt], max_new_tokens=24)
+        held_reference, = generate_batch(engine.model, engine.tokenizer, [prompt], max_new_tokens=24,
+                                         min_new_tokens=12)
+        assert natural.text == SHORT_ANSWER and natural.completion_tokens < 12  # EOS ends it early
+
+        async def both():
+            ids = engine.encode(prompt)
+            return await asyncio.gather(engine.complete(ids, SamplingParams(max_tokens=24, stop=STOPS)),
+                                        engine.complete(ids, SamplingParams(max_tokens=24, stop=STOPS, min_tokens=12)))
+
+        free, held = asyncio.run(both())
+        assert engine.stats()["max_rows_in_step"] == 2
+        # OpenAI counts the EOS token, transformers' generate drops it with the padding
+        assert (free.text, free.finish_reason, free.completion_tokens) == (SHORT_ANSWER, "stop",
+                                                                          natural.completion_tokens + 1)
+        assert held.text == held_reference.text and held.text.startswith(SHORT_ANSWER) and held.text != SHORT_ANSWER
+        assert held.completion_tokens >= 12
+    finally:
+        engine.shutdown()
+
+
 def test_seeded_sampling_repeats_and_different_seeds_differ(tiny_model_dir):
     engine = TransformersEngine(tiny_model_dir, max_batch_size=4, batch_wait_ms=0)
     try:

@@ -126,6 +126,9 @@ def test_sampling_parameters_behave_like_the_openai_api(server):
     several = client.chat.completions.create(model=model, messages=ASK, n=3, temperature=0, seed=5)
     assert [c.message.content for c in several.choices] == [LONG_ANSWER] * 3
     assert several.usage.completion_tokens == 60
+    # vLLM's min_tokens holds back EOS only: the stop marker still ends the answer where it did
+    held = client.chat.completions.create(model=model, messages=ASK, temperature=0, extra_body={"min_tokens": 30})
+    assert held.choices[0].message.content == LONG_ANSWER and held.choices[0].finish_reason == "stop"
 
 
 def test_bad_requests_and_missing_token_get_4xx(server):
@@ -135,4 +138,7 @@ def test_bad_requests_and_missing_token_get_4xx(server):
                                        extra_body={"steering": {"fun": 1}})
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tests-steerable-llama-v1", messages=ASK, max_tokens=5000)
+    with pytest.raises(openai.BadRequestError, match="min_tokens"):
+        client.chat.completions.create(model="tests-steerable-llama-v1", messages=ASK, max_tokens=4,
+                                       extra_body={"min_tokens": 5})
     assert httpx.post(f"{url}/v1/chat/completions", json={"messages": ASK}, timeout=30).status_code == 401
