@@ -1,7 +1,7 @@
 """Chat-server throughput: generated tokens/s at 1, 4 and 16 concurrent clients vs a plain sequential loop.
 
     .venv/bin/python bench/serve.py                                  # smollm2-135m, 16 requests, 64 tokens each
-    .venv/bin/python bench/serve.py --min-tokens 0                   # answers end where the model ends them
+    .venv/bin/python bench/serve.py --weights real --min-tokens 0    # SmolLM2's own weights and answers
     .venv/bin/python bench/serve.py --model tiny-llama --requests 32 --max-tokens 64
 
 In one process, same model, same requests, greedy decoding, same stop marker:
@@ -12,10 +12,13 @@ In one process, same model, same requests, greedy decoding, same stop marker:
 2. server:    `steerray serve` on an embedded Ray (transformers engine), the same requests sent by C
               concurrent HTTP clients (C = 1, 4, 16), non-streaming, tokens counted from ``usage``
 
-Answers are ``--max-tokens`` long by default (``min_tokens`` = ``max_tokens`` on both sides: EOS cannot end
-them sooner, as vLLM's serving benchmarks do with ``ignore_eos``). The untuned SmolLM2 ends a SteerLM-template
-answer after ~9 tokens, so with ``--min-tokens 0`` the run measures mostly prompt processing and per-request
-overhead, not the decoding that batching speeds up; a tuned model's answers are tens to hundreds of tokens.
+By default both sides run the model's architecture with random weights (``--weights dummy``, as vLLM's
+``load_format="dummy"`` does for its benchmarks: the same layers, sizes and dtype, so the same work per token)
+and answers are ``--max-tokens`` long (``min_tokens`` = ``max_tokens``: EOS cannot end them sooner, as vLLM's
+serving benchmarks do with ``ignore_eos``). Why: the untuned SmolLM2 ends a SteerLM-template answer after ~10
+tokens by writing the template's own turn marker, so with its real weights (``--weights real``) the run measures
+mostly prompt processing and per-request overhead, not the decoding that batching speeds up, while a SteerLM-tuned
+model's answers are tens to hundreds of tokens (``--model runs/demo/bootstrap/model --weights real``).
 
 Prints tokens/s, p50/p95 request latency per setting, the ratio of each to the baseline, and whether
 the server's greedy answers equal the baseline's. The baseline runs before Ray starts, so the two never
@@ -30,6 +33,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +59,20 @@ def requests_for(count: int) -> list[tuple[str, dict[str, int]]]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def dummy_weights_copy(model: str, out: Path) -> str:
+    """``model``'s architecture and tokenizer with random weights (seeded), written to ``out``."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from steerray.models.loading import load_tokenizer, resolve_model
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(resolve_model(model))
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    load_tokenizer(model).save_pretrained(out)
+    return str(out)
 
 
 def run_baseline(model: str, requests: list[tuple[str, dict[str, int]]], max_tokens: int, min_tokens: int,
@@ -136,6 +154,8 @@ def report(rows: list[dict], baseline: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="alias, folder or hub id")
+    parser.add_argument("--weights", choices=["dummy", "real"], default="dummy",
+                        help="dummy: the model's architecture with random weights (see above); real: its own")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--min-tokens", type=int, default=None, help="EOS held back until then (default: "
@@ -152,10 +172,12 @@ def main() -> None:
     from steerray.serving.chat_app import served_name, start_chat_server
 
     resolve_model(args.model)  # build an alias's cache before timing anything
+    scratch = tempfile.TemporaryDirectory(prefix="bench-serve-")
+    model = args.model if args.weights == "real" else dummy_weights_copy(args.model, Path(scratch.name) / "model")
     requests = requests_for(args.requests)
-    print(f"[bench] model {args.model}, {args.requests} requests, max_tokens {args.max_tokens}, min_tokens "
-          f"{min_tokens}, {args.threads} torch threads", flush=True)
-    baseline = run_baseline(args.model, requests, args.max_tokens, min_tokens, args.threads)
+    print(f"[bench] model {args.model} ({args.weights} weights), {args.requests} requests, max_tokens "
+          f"{args.max_tokens}, min_tokens {min_tokens}, {args.threads} torch threads", flush=True)
+    baseline = run_baseline(model, requests, args.max_tokens, min_tokens, args.threads)
     print(f"[bench] baseline loop: {baseline['tokens']} tokens in {baseline['seconds']:.1f} s", flush=True)
 
     init_ray(num_cpus=max(2, args.threads), object_store_mb=256)
@@ -164,19 +186,20 @@ def main() -> None:
     with socket.socket() as sock:  # a free loopback port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    config = ServeConfig(model=args.model, port=port, app_name="bench-chat", max_batch_size=args.max_batch_size,
+    config = ServeConfig(model=model, port=port, app_name="bench-chat", max_batch_size=args.max_batch_size,
                          threads_per_replica=args.threads, cpus_per_replica=1, batch_wait_ms=10)
     url = start_chat_server(config)
     rows = []
     try:
-        model = served_name(args.model)
-        asyncio.run(run_clients(url, model, requests[:2], 4, 0, 2))  # warm-up
+        name = served_name(model)
+        asyncio.run(run_clients(url, name, requests[:2], 4, 0, 2))  # warm-up
         for concurrency in (int(c) for c in args.concurrency.split(",")):
-            row = asyncio.run(run_clients(url, model, requests, args.max_tokens, min_tokens, concurrency))
+            row = asyncio.run(run_clients(url, name, requests, args.max_tokens, min_tokens, concurrency))
             print(f"[bench] {row['name']}: {row['tokens']} tokens in {row['seconds']:.1f} s", flush=True)
             rows.append(row)
     finally:
         serve.shutdown()
+        scratch.cleanup()
     report([baseline, *rows], baseline)
 
 
