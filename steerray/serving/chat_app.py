@@ -4,8 +4,9 @@ Routes (the OpenAPI schema at ``/openapi.json``; no ``/docs`` page: FastAPI's lo
 CDN, and no third-party script may run on the origin that holds the playground's token):
 
 - ``POST /v1/chat/completions``: the OpenAI chat API (``stream``, ``n``, ``max_tokens``, ``temperature``,
-  ``top_p``, ``stop``, ``seed``, ``usage``; vLLM's ``min_tokens``) plus ``steering``: ``{"verbosity": 0, ...}``, attributes left
-  out take the reference's defaults (quality 4, toxicity 0, humor 0, creativity 0, the rest 4).
+  ``top_p``, ``stop``, ``seed``, ``usage``; vLLM's ``min_tokens``) plus ``steering``:
+  ``{"verbosity": 0, ...}``, attributes left out take the reference's defaults (quality 4, toxicity 0,
+  humor 0, creativity 0, the rest 4).
 - ``GET /v1/models``: the one model served.
 - ``POST /generate``: ``prompt`` (one user turn) or ``messages``, plus ``steering``; returns the answer and
   the exact prompt that was rendered (to check what the model saw).
