@@ -170,8 +170,7 @@ class VLLMEngine(Engine):
         # characters while streaming: StopTextFilter cuts the stop and holds only a tail that could be one.
         return VllmSamplingParams(n=1, temperature=0.0 if params.greedy else params.temperature,
                                   top_p=params.top_p, max_tokens=params.max_tokens, min_tokens=params.min_tokens,
-                                  seed=params.seed,
-                                  stop=list(params.stop), include_stop_str_in_output=True,
+                                  seed=params.seed, stop=list(params.stop), include_stop_str_in_output=True,
                                   skip_special_tokens=True)
 
     async def stream(self, prompt_ids: Sequence[int], params: SamplingParams) -> AsyncGenerator[StreamEvent, None]:
