@@ -36,6 +36,8 @@ from steerray.training.losses import bradley_terry_loss, bradley_terry_sum, mask
 from steerray.training.strategy import deepspeed_available
 
 log = logging.getLogger("steerray")
+TRAINING_FIGURES = ("steps", "strategy", "precision", "world_size", "params", "trainable_params", "first_loss",
+                    "last_loss", "tokens_per_s", "mfu", "matmul_peak_flops_per_worker", "frozen_prefix_cache")
 
 
 # 1. The worker side: the model, its micro-batches, the loss and the validation metrics.
@@ -143,8 +145,8 @@ def check(cfg: RewardConfig) -> None:
 
 
 def inputs(cfg: RewardConfig) -> list[str]:
-    return [str(f) for f in rd.locate_split_files(cfg.data, rd.data_kind(cfg.loss)) if f] + [
-        cfg.init_from or cfg.model.name]
+    files = rd.locate_split_files(cfg.data, rd.data_kind(cfg.loss))
+    return [str(f) for f in files if f] + [cfg.init_from or cfg.model.name]
 
 
 # 3. The stage: read and check the data, tokenize (Ray Data), fit (resuming if checkpoints exist).
@@ -171,15 +173,13 @@ def run(cfg: RewardConfig) -> StageResult:
     baseline = label_means([r["label"] for r in train.rows]) if kind == rd.REGRESSION else None
     summary = fit(Fit(
         name="train-reward", task=f"{__name__}:RewardTask", config=cfg, out=out, datasets=datasets,
-        train_rows=len(train.rows), tokenizer=tokenizer, options={"baseline": baseline},
-        data_files=[str(train_file)],
+        train_rows=len(train.rows), tokenizer=tokenizer, options={"baseline": baseline}, data_files=[str(train_file)],
         fingerprint={"init_from": cfg.init_from, "attributes": cfg.attributes, "loss": cfg.loss}))
     counts = {"train_rows": len(train.rows), "val_rows": len(val.rows) if val else 0, "rejected": len(rejects),
               "skipped": len(skipped), "skipped_by_reason": rd.count_reasons(skipped),
               "truncated": truncated, "train_total": train.total, "val_total": val.total if val else 0}
     print(f"[train-reward] wrote {out}/model; loss {summary.get('first_loss')} -> {summary.get('last_loss')}")
-    training = {k: summary.get(k) for k in ("steps", "strategy", "precision", "world_size", "params", "trainable_params",
-                                            "first_loss", "last_loss", "tokens_per_s", "mfu", "frozen_prefix_cache")}
+    training = {k: summary.get(k) for k in TRAINING_FIGURES}
     return StageResult(
         {"out": str(out), "loss": cfg.loss, "counts": counts, **training, "val": summary.get("val")},
         {"loss": cfg.loss, "attributes": cfg.attributes, "counts": counts,
