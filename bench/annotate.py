@@ -13,8 +13,9 @@
 
 Rows are conversations from the real oasst1 sample (../shared/data), converted by steerray's own oasst1
 source code; every scored assistant turn is one prompt. The reward model is a backbone (tiny-llama or
-SmolLM2-135M) with a seeded random head: throughput does not depend on the head's values. Labels from
-paths 2 and 3 are checked to be identical. The four methods run round-robin `--repeats` times; the best time counts.
+SmolLM2-135M) with a seeded random head: throughput does not depend on the head's values. The label strings of
+paths 2 and 3 are compared turn by turn (in bf16 a score near a rounding boundary may round the other way).
+The four methods run round-robin `--repeats` times; the best time counts.
 """
 
 from __future__ import annotations
@@ -66,6 +67,18 @@ def build_reward_folder(backbone: str, out: Path) -> str:
     model.save_pretrained(out, safe_serialization=True)
     load_tokenizer(backbone).save_pretrained(out)
     return str(out)
+
+
+def same_labels(first: Path, second: Path) -> tuple[int, int]:
+    """How many turns carry the same label string in two annotate outputs of the same input, of how many."""
+    same = turns = 0
+    with open(first, encoding="utf-8") as a, open(second, encoding="utf-8") as b:
+        for line_a, line_b in zip(a, b, strict=True):
+            pairs = zip(json.loads(line_a)["conversations"], json.loads(line_b)["conversations"], strict=True)
+            for turn_a, turn_b in pairs:
+                turns += 1
+                same += turn_a.get("label") == turn_b.get("label")
+    return same, turns
 
 
 def free_port() -> int:
@@ -160,7 +173,7 @@ def main() -> None:
     ceiling_s, ray_s, fixed_s, serve_s, reference_s = (min(times[k]) for k in
                                                        ("ceiling", "ray", "fixed", "serve", "reference"))
 
-    identical = ray_out.read_text() == serve_out.read_text()
+    same, turns = same_labels(ray_out, serve_out)
     rows = {"ceiling (batched forward, in process)": ceiling_s, "steerray ray-data actor pool": ray_s,
             f"  same, minus its fixed start cost ({fixed_s:.1f} s)": max(ray_s - fixed_s, 1e-9),
             "steerray via serve-reward": serve_s, "reference pattern (1 prompt/request)": reference_s}
@@ -169,7 +182,9 @@ def main() -> None:
         print(f"{name:42s} {seconds:9.2f} {args.rows / seconds:9.2f} {reference_s / seconds:11.2f}x "
               f"{ceiling_s / seconds:10.0%}")
     print(f"\nbest of {args.repeats} rounds; all times (s): " + json.dumps({k: [round(t, 2) for t in v] for k, v in times.items()}))
-    print(f"labels identical between the ray-data and serve outputs: {identical}")
+    # In bf16 the two paths pad their batches differently, which moves a score by ~1e-2: now and then one
+    # lands on the other side of a rounding boundary.
+    print(f"label strings the same in the ray-data and serve outputs: {same} of {turns} turns")
     print(f"(work folder {work})")
 
 
