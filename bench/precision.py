@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/precision.py                              # demo presets, 24 steps each
     .venv/bin/python bench/precision.py --only sft --steps 40
-    .venv/bin/python bench/precision.py --model tiny-llama --steps 4 # a quick check of the wiring
+    .venv/bin/python bench/precision.py --model tiny-llama --steps 6 # a quick check of the wiring
+    .venv/bin/python bench/precision.py --variants bf16/sdpa,bf16/auto   # attention kernels, both in bf16
 
 What ``precision: auto`` buys where the device computes bf16 natively, and what it costs in accuracy: each
 stage (``train-reward`` on ``demo/reward``, ``train-sft`` on ``demo/sft``, both as users run them through
@@ -18,7 +19,8 @@ reward model's MSE over the nine attributes, SFT's token-mean cross-entropy of t
 the wall-time ratio and the validation loss's relative difference, against the 2% bound that says bf16
 trains the same model. The two precisions alternate which goes first from one stage to the next, so neither
 always gets the colder machine. bf16 on a CPU without native bf16 runs emulated (slowly): the bench says so
-and runs it anyway when asked (``--precision``).
+and runs it anyway when asked. ``--variants`` names the two runs as ``precision[/attention]``
+(``model.attention``, default auto): ``bf16/sdpa,bf16/auto`` compares the attention kernels instead.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ TOLERANCE = 0.02  # relative difference of the final validation loss that still 
 @dataclass
 class StageRun:
     stage: str
-    precision: str  # as resolved by the stage
+    variant: str  # precision[/attention] as asked; the stage's resolved precision is printed beside it
+    precision: str
     wall_s: float
     tokens_per_s: float | None
     mfu: float | None
@@ -63,18 +66,19 @@ def demo_data(out: Path, rows: int) -> Path:
     return out
 
 
-def stage_config(args: argparse.Namespace, stage: str, data: Path, out: Path, precision: str) -> Any:
+def stage_config(args: argparse.Namespace, stage: str, data: Path, out: Path, variant: str) -> Any:
     from steerray.config import RewardConfig, SFTConfig, load_config
 
+    precision, _, attention = variant.partition("/")
     overrides = [f"data={data}", f"out={out}", f"model.name={args.model}", f"train.max_steps={args.steps}",
                  f"train.checkpoint_every={args.steps}", f"scaling.precision={precision}", "scaling.max_failures=0",
-                 "logging.progress_bar=false"]
+                 f"model.attention={attention or 'auto'}", "logging.progress_bar=false"]
     if stage == "sft":
         overrides.append("sample_prompts=[]")  # samples are generation, not training
     return load_config(SFTConfig if stage == "sft" else RewardConfig, PRESETS[stage], overrides)
 
 
-def run_stage(stage: str, cfg: Any) -> StageRun:
+def run_stage(stage: str, variant: str, cfg: Any) -> StageRun:
     from steerray.stages import execute
 
     started = time.perf_counter()
@@ -85,7 +89,7 @@ def run_stage(stage: str, cfg: Any) -> StageRun:
     else:  # the reward stage validates at the end only (eval_every 0): its loss is the MSE over all cells
         first, last = None, (summary.get("val") or {}).get("mse")
     peak = summary.get("matmul_peak_flops_per_worker")
-    return StageRun(stage, str(summary.get("precision")), wall, summary.get("tokens_per_s"), summary.get("mfu"),
+    return StageRun(stage, variant, str(summary.get("precision")), wall, summary.get("tokens_per_s"), summary.get("mfu"),
                     peak / 1e9 if peak else None, first, last, reward_note(summary.get("val") or {}))
 
 
@@ -104,17 +108,17 @@ def fmt(value: float | None, spec: str) -> str:
 
 
 def report(runs: list[StageRun]) -> None:
-    print(f"   {'precision':9s} {'wall s':>8s} {'tokens/s':>9s} {'MFU':>7s} {'peak GF/s':>10s}  val loss: first -> final")
+    print(f"   {'variant':14s} {'wall s':>8s} {'tokens/s':>9s} {'MFU':>7s} {'peak GF/s':>10s}  val loss: first -> final")
     for run in runs:
-        print(f"   {run.precision:9s} {run.wall_s:8.1f} {fmt(run.tokens_per_s, '9.1f')} {fmt(run.mfu, '7.2%')} "
+        print(f"   {run.variant:14s} {run.wall_s:8.1f} {fmt(run.tokens_per_s, '9.1f')} {fmt(run.mfu, '7.2%')} "
               f"{fmt(run.peak_gflops, '10.1f')}  {fmt(run.val_first, '.4f')} -> {fmt(run.val_loss, '.4f')}")
         if run.note:
-            print(f"   {'':9s} {run.note}")
+            print(f"   {'':14s} {run.note}")
 
 
 def verdict(stage: str, base: StageRun, other: StageRun) -> str:
     """``other`` against the baseline: wall-time share, loop speed-up, and the final validation loss's difference."""
-    names = f"{other.precision} / {base.precision}"
+    names = f"{other.variant} / {base.variant}"
     loop = other.tokens_per_s / base.tokens_per_s if other.tokens_per_s and base.tokens_per_s else float("nan")
     speed = f"wall {other.wall_s / base.wall_s:.2f} ({base.wall_s / other.wall_s:.2f}x faster), loop tokens/s {loop:.2f}x"
     if base.val_loss is None or other.val_loss is None:
@@ -146,9 +150,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24, help="train.max_steps of each stage (presets: 96 / 200)")
     parser.add_argument("--rows", type=int, default=480, help="demo conversations (the demo pipeline's 480)")
     parser.add_argument("--only", choices=["reward", "sft"], default=None)
-    parser.add_argument("--precision", default="fp32,bf16", help="the two to compare, the baseline first")
+    parser.add_argument("--variants", default="fp32,bf16", help="the two runs, precision[/attention], the "
+                                                                 "baseline first")
     args = parser.parse_args()
-    baseline, other = [p.strip() for p in args.precision.split(",")]
+    baseline, other = [v.strip() for v in args.variants.split(",")]
     from steerray.runtime import init_ray
 
     print(box_line(), flush=True)
@@ -159,8 +164,8 @@ def main() -> None:
         data = demo_data(work / "prepare", args.rows)
         for index, stage in enumerate([args.only] if args.only else ["reward", "sft"]):
             order = (baseline, other) if index % 2 == 0 else (other, baseline)
-            results[stage] = {p: run_stage(stage, stage_config(args, stage, data, work / f"{stage}-{p}", p))
-                              for p in order}
+            results[stage] = {v: run_stage(stage, v, stage_config(args, stage, data, work / f"{stage}-{i}", v))
+                              for i, v in enumerate(order)}
             print(f"\n== {stage}: {PRESETS[stage]}, {args.steps} steps, {args.rows} demo conversations")
             report(list(results[stage].values()))
     print(f"\n== summary ({box_line()})")

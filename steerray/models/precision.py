@@ -27,6 +27,17 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (Sapphire Rapids and later Xeons), read from /proc/cpuinfo
+    (False where there is none to read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            return any(line.startswith("flags") and "amx_bf16" in line.split() for line in handle)
+    except OSError:
+        return False
+
+
 def native_bf16(device: Any) -> bool:
     """Whether ``device`` (a torch.device or "cpu"/"cuda") computes bf16 in hardware."""
     import torch

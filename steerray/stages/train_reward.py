@@ -36,8 +36,8 @@ from steerray.training.losses import bradley_terry_loss, bradley_terry_sum, mask
 from steerray.training.strategy import deepspeed_available
 
 log = logging.getLogger("steerray")
-TRAINING_FIGURES = ("steps", "strategy", "precision", "world_size", "params", "trainable_params", "first_loss",
-                    "last_loss", "tokens_per_s", "mfu", "matmul_peak_flops_per_worker", "frozen_prefix_cache")
+TRAINING_FIGURES = ("steps", "strategy", "precision", "attention", "world_size", "params", "trainable_params", "mfu",
+                    "first_loss", "last_loss", "tokens_per_s", "matmul_peak_flops_per_worker", "frozen_prefix_cache")
 
 
 # 1. The worker side: the model, its micro-batches, the loss and the validation metrics.
@@ -145,8 +145,8 @@ def check(cfg: RewardConfig) -> None:
 
 
 def inputs(cfg: RewardConfig) -> list[str]:
-    files = rd.locate_split_files(cfg.data, rd.data_kind(cfg.loss))
-    return [str(f) for f in files if f] + [cfg.init_from or cfg.model.name]
+    return [str(f) for f in rd.locate_split_files(cfg.data, rd.data_kind(cfg.loss)) if f] + [
+        cfg.init_from or cfg.model.name]
 
 
 # 3. The stage: read and check the data, tokenize (Ray Data), fit (resuming if checkpoints exist).

@@ -213,7 +213,8 @@ def train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     tokenizer = load_tokenizer(loop_config["tokenizer"], trust_remote_code=cfg.model.trust_remote_code)
     prepared = prepare_model(task.build_model(strategy), strategy, cfg.lora,
                              trainable_modules=task.trainable_modules,
-                             gradient_checkpointing=cfg.model.gradient_checkpointing, wrap=task.wrap)
+                             gradient_checkpointing=cfg.model.gradient_checkpointing, wrap=task.wrap,
+                             attention=cfg.model.attention)
     accumulation = accumulation_steps(cfg.train.global_batch_size, cfg.train.micro_batch_size, strategy.world_size)
     stepper = build_optimizer_and_schedule(prepared, cfg.optim, steps, accumulation)
     checkpoints = CheckpointManager(prepared, stepper, every=cfg.train.checkpoint_every)
@@ -325,6 +326,7 @@ def finish(task: TrainTask, prepared: PreparedModel, tokenizer: Any, out: Path, 
         "val_first": state.val_first, "val": state.val, "tokens_per_s": rate,
         "mfu": rate * flops / peak if rate and peak else None, "matmul_peak_flops_per_worker": telemetry.peak,
         "strategy": strategy.kind, "precision": strategy.precision, "world_size": strategy.world_size,
+        "attention": getattr(getattr(prepared.model, "config", None), "_attn_implementation", None),
         "params": prepared.num_parameters(), "trainable_params": prepared.num_parameters(trainable_only=True),
         "model": str(out / "model"),
     }

@@ -65,16 +65,18 @@ def train_reward(*args: str):
     return result
 
 
-def exported_val_mse(model_dir: Path, data: Path, precision: str) -> float:
-    """Val MSE of the exported folder, scored with plain transformers in the precision training computed in
-    (``precision: auto`` is bf16 on a CPU with native bf16: the workers' validation ran in bf16)."""
+def exported_val_mse(model_dir: Path, data: Path, precision: str, attention: str | None) -> float:
+    """Val MSE of the exported folder, scored with plain transformers in the precision and with the attention
+    kernel training computed in (``precision: auto`` is bf16 on a CPU with native bf16: the workers' validation
+    ran in bf16, and with eager attention where the CPU has no AMX; kernels differ by ~1e-3 in bf16)."""
     import numpy as np
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from steerray.models.precision import torch_dtype
 
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=torch_dtype(precision)).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_dir, dtype=torch_dtype(precision), **({"attn_implementation": attention} if attention else {})).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     rows = read_jsonl(data / "regression" / "val.jsonl")
     errors = []
@@ -114,7 +116,8 @@ def test_regression_run_survives_a_worker_failure_and_exports(tiny_run):
     assert val["n_rows"] == 16 and val["per_attribute"]["verbosity"]["n"] == 16
     assert val["per_attribute"]["toxicity"] == {"n": 0}  # no labels, no numbers
     # The exported folder, loaded with plain transformers, predicts what the trained model predicted.
-    assert exported_val_mse(out / "model", data, training["precision"]) == pytest.approx(val["mse"], rel=1e-4)
+    exported = exported_val_mse(out / "model", data, training["precision"], training["attention"])
+    assert exported == pytest.approx(val["mse"], rel=1e-4)
     assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == "regression"
 
 

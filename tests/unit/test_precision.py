@@ -108,3 +108,44 @@ def test_lora_in_bf16_keeps_trainable_weights_fp32_and_follows_the_fp32_loss():
     assert dtypes[next(n for n in dtypes if "embed_tokens" in n)] == torch.float32  # the residual stream too
     assert fp32[-1] < fp32[0] and bf16[-1] < bf16[0]
     assert abs(bf16[-1] - fp32[-1]) / fp32[-1] < 0.02
+
+
+def test_training_attention_is_eager_only_for_bf16_on_a_cpu_without_amx(monkeypatch):
+    from steerray.training import strategy as strategy_module
+    from steerray.training.strategy import Strategy, training_attention
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(strategy_module, "cpu_has_amx", lambda: False)
+    assert training_attention("auto", Strategy(kind="single", device=cpu, precision="bf16")) == "eager"
+    assert training_attention("auto", Strategy(kind="single", device=cpu, precision="fp32")) is None
+    assert training_attention("sdpa", Strategy(kind="single", device=cpu, precision="bf16")) == "sdpa"
+    monkeypatch.setattr(strategy_module, "cpu_has_amx", lambda: True)
+    assert training_attention("auto", Strategy(kind="single", device=cpu, precision="bf16")) is None
+    assert training_attention("eager", Strategy(kind="single", device=cpu, precision="fp32")) == "eager"
+
+
+def test_eager_and_sdpa_attention_train_the_same_model():
+    """The kernel the strategy picks changes the speed, not the model: the same LoRA steps give the same
+    losses and the same gradients (fp32, padded rows, so the attention mask is used)."""
+    from steerray.models.loading import TINY_ALIAS, load_causal_lm
+    from steerray.training.losses import token_cross_entropy_sum
+
+    ids = torch.randint(5, 400, (3, 40), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0  # right padding on one row
+    results = {}
+    for kernel in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        model = load_causal_lm(TINY_ALIAS)
+        prepared = prepare_model(model, resolve_strategy(ScalingConfig(precision="fp32")),
+                                 LoraConfig(enabled=True, r=8, alpha=16), attention=kernel)
+        assert model.config._attn_implementation == kernel
+        logits = prepared.module(input_ids=ids, attention_mask=mask).logits
+        loss, count = token_cross_entropy_sum(logits[mask.bool()][None], ids[mask.bool()][None])
+        (loss / count).backward()
+        grads = [p.grad.clone() for p in prepared.model.parameters() if p.requires_grad]
+        results[kernel] = float(loss / count), grads
+    (loss_sdpa, grads_sdpa), (loss_eager, grads_eager) = results["sdpa"], results["eager"]
+    assert loss_eager == pytest.approx(loss_sdpa, rel=1e-5)
+    for a, b in zip(grads_sdpa, grads_eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
