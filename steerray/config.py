@@ -71,8 +71,8 @@ class ModelConfig(StrictModel):
     max_length: int = Field(512, ge=8)
     # Memory for compute: recompute activations in the backward pass.
     gradient_checkpointing: bool = False
-    # Attention kernel while training: auto = eager (matmuls) on a CPU training in bf16 without AMX, where
-    # torch's CPU flash attention is slower, the model's default (SDPA) elsewhere; or sdpa / eager.
+    # Attention kernel while training: auto = eager (matmuls) on a CPU training in bf16 without AMX, where it
+    # was measured faster than torch's CPU flash attention, the model's default (SDPA) elsewhere; or sdpa / eager.
     attention: Literal["auto", "sdpa", "eager"] = "auto"
 
 

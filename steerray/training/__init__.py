@@ -11,9 +11,9 @@ Public API (import from the submodules; this package imports nothing heavy on it
       ``.world_size``, ``.rank``, ``.is_rank0``, ``.autocast()``, ``.all_reduce_sum([..])``,
       ``.all_gather_objects(obj)``, ``.barrier()``, ``.compute_dtype``.
     - ``prepare_model(model, strategy, lora_cfg, *, trainable_modules=(), gradient_checkpointing=False,
-      wrap=None, attention="auto") -> PreparedModel``: the attention kernel (``training_attention``: eager
-      on a CPU training in bf16 without AMX), peft LoRA (``trainable_modules`` such as the reward head ``score`` stay
-      fully trainable via ``modules_to_save``), then FSDP2 ``fully_shard`` per decoder layer + root / DDP.
+      wrap=None, attention="auto") -> PreparedModel``: the attention kernel (``training_attention``: eager on
+      a CPU training in bf16 without AMX), peft LoRA (``trainable_modules`` such as the reward head ``score``
+      stay fully trainable via ``modules_to_save``), then FSDP2 ``fully_shard`` per decoder layer + root / DDP.
       Call ``prepared.module(...)`` (the root); ``prepared.model`` is the HF/peft model inside;
       ``prepared.num_parameters(trainable_only=)``, ``prepared.flops_parameters()`` (for MFU: no embedding
       lookup, lm_head counted). ``lora.last_layers=N`` adapts only the top N layers (cheap backward).

@@ -363,11 +363,11 @@ def _wrap_peft(model: Any, peft_config: Any) -> Any:
 def training_attention(requested: str, strategy: Strategy) -> str | None:
     """The attention kernel to train with, None for the model's own default (SDPA in transformers).
 
-    ``auto`` picks eager attention (plain matmuls and softmax) on a CPU training in bf16 without AMX: torch's CPU
-    flash attention runs its bf16 blocks through unpacked gemms there, and its backward pass is slow (measured
-    on a 2-core Zen 4 with AVX512-BF16, the demo's SFT micro-batch of 2 x 320 tokens, one thread: forward and
-    backward 2.44 s eager against 2.75 s SDPA, 1.13x; in fp32 SDPA was 5% faster). With AMX, in fp32 and on
-    GPUs the default stays.
+    ``auto`` picks eager attention (plain matmuls and softmax) on a CPU training in bf16 without AMX, where
+    torch's CPU flash attention is the slower of the two, its backward pass above all (profiled on a 2-core
+    Zen 4 with AVX512-BF16, the demo's SFT micro-batch of 2 x 320 tokens, one thread: forward and backward
+    2.44 s eager against 2.75 s SDPA, 1.13x; in fp32 SDPA was 5% faster). fp32, GPUs and AMX CPUs (not
+    measured against eager) keep the model's default.
     """
     if requested != "auto":
         return requested
